@@ -1,0 +1,71 @@
+"""The compiled skin: what the hot path reads.
+
+A skin is validated once (``interceptor.schema``) and compiled into these small immutable
+objects. Units are converted up front (nanoseconds, probabilities as floats, rates as
+nanoseconds per byte) so that the engine never converts, parses or looks anything up per
+packet. Swapping a VM's skin is replacing one reference to a ``CompiledSkin``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NS_PER_MS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class GilbertElliott:
+    """Two-state bursty loss (the netem/Pumba ``gemodel`` parameters, as probabilities).
+
+    ``p``: good → bad transition per packet; ``r``: bad → good; ``loss_bad`` and
+    ``loss_good``: the probability that a packet is lost in each state.
+    """
+
+    p: float
+    r: float
+    loss_bad: float = 1.0
+    loss_good: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DirectionSkin:
+    """Link conditions for one direction (uplink: leaving the VM; downlink: to the VM)."""
+
+    loss_probability: float = 0.0
+    gilbert_elliott: GilbertElliott | None = None
+    delay_ns: int = 0  # one-way added delay
+    jitter_ns: int = 0  # each packet's delay varies uniformly in [delay - jitter, delay + jitter]
+    reorder_probability: float = 0.0  # share of packets sent ahead of the delay queue
+    ns_per_byte: float = 0.0  # 0 = unlimited; 8e9 / (rate_kbps * 1000) otherwise
+    queue_limit_ns: int = 500 * NS_PER_MS  # backlog allowed behind the rate limit
+
+    @property
+    def is_passthrough(self) -> bool:
+        return (
+            self.loss_probability == 0.0
+            and self.gilbert_elliott is None
+            and self.delay_ns == 0
+            and self.jitter_ns == 0
+            and self.ns_per_byte == 0.0
+        )
+
+
+PASSTHROUGH = DirectionSkin()
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledSkin:
+    """One VM's whole skin, both directions plus the parts that are not per direction."""
+
+    name: str
+    uplink: DirectionSkin = PASSTHROUGH
+    downlink: DirectionSkin = PASSTHROUGH
+    qos_weight: int = 5  # qos_priority 1..10
+    security_profile: str | None = None
+    dns_servers: tuple[str, ...] = ()
+    ip_address: str | None = None
+    mac_address: str | None = None
+    mtu: int | None = None
+
+
+NO_SKIN = CompiledSkin(name="")
