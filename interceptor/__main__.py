@@ -1,0 +1,5 @@
+import sys
+
+from interceptor.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Which skin each VM wears: active, shadow, generation and original configuration, on disk.
+
+One JSON file per VM under ``state_dir/vms``. Skins are stored as copies of their documents, not
+as names, so a restarted daemon re-applies exactly what was in force and a shadow survives edits
+or deletion of its file. Files are written temp → fsync → rename → fsync(dir), so a crash
+mid-write leaves the old file or the new one, never a torn one. The daemon is the only writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class SkinCopy:
+    name: str
+    document: dict  # the skin exactly as validated from its file
+    source: str = ""  # the file it came from, for status and hot reload
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "SkinCopy | None":
+        return cls(**data) if data else None
+
+
+@dataclass
+class Assignment:
+    vm: str
+    active: SkinCopy | None = None
+    shadow: SkinCopy | None = None
+    generation: int = 0
+    original: dict | None = None  # identity captured before the first skin
+    reload_error: str | None = None
+    identity: dict = field(default_factory=dict)  # identity state the daemon applied (ip rules etc.)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Assignment":
+        data = dict(data)
+        data["active"] = SkinCopy.from_json(data.get("active"))
+        data["shadow"] = SkinCopy.from_json(data.get("shadow"))
+        return cls(**data)
+
+
+class AssignmentStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir) / "vms"
+
+    def _path(self, vm: str) -> Path:
+        return self.dir / f"{vm}.json"
+
+    def load(self, vm: str) -> Assignment | None:
+        try:
+            return Assignment.from_json(json.loads(self._path(vm).read_text()))
+        except FileNotFoundError:
+            return None
+
+    def save(self, assignment: Assignment) -> None:
+        write_atomically(self._path(assignment.vm), json.dumps(assignment.to_json(), indent=2) + "\n")
+
+    def delete(self, vm: str) -> None:
+        try:
+            self._path(vm).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,139 @@
+"""The daemon's data path for real: rules, NFQUEUE, counters, clean exit, crash behaviour."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from manager import measure
+from tests.e2e.daemon_process import DaemonProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def ruleset(lab) -> str:
+    """The hv namespace's whole ruleset, minus the timestamp comments."""
+    out = []
+    for cmd in ("iptables-save", "ip6tables-save"):
+        text = lab.exec("hv", [cmd], check=True).stdout
+        out += [line for line in text.splitlines() if not line.startswith("#")]
+    return "\n".join(out)
+
+
+def our_rules(lab) -> list[str]:
+    text = lab.exec("hv", ["iptables-save"], check=True).stdout
+    return [line for line in text.splitlines() if "netskin" in line or "NETSKIN" in line]
+
+
+@pytest.fixture
+def foreign_rules(lab):
+    """A host firewall that is not ours: it must be left exactly as it was."""
+    lab.exec("hv", ["iptables", "-N", "HOST-OWN"], check=True)
+    lab.exec("hv", ["iptables", "-A", "HOST-OWN", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT"], check=True)
+    lab.exec("hv", ["iptables", "-A", "FORWARD", "-j", "HOST-OWN"], check=True)
+    lab.exec("hv", ["ip6tables", "-A", "INPUT", "-p", "udp", "--dport", "5353", "-j", "ACCEPT"], check=True)
+    return ruleset(lab)
+
+
+def wait_for(predicate, timeout=5.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def test_every_packet_passes_through_the_queues_in_both_directions(lab):
+    with DaemonProcess(lab.config_path) as daemon:
+        before = daemon.status("vm1")["vm1"]
+        result = measure.ping(lab, "vm1", lab.inet_address, count=20, interval=0.02)
+        assert result["loss_percent"] == 0.0
+        udp = measure.udp_probe(lab, "vm1", count=200, rate_pps=1000)
+        assert udp["received"] == udp["sent"] == 200
+        tcp = lab.exec("vm1", ["python3", "-c", TCP_ECHO.format(addr=lab.inet_address, port=lab.echo_port)])
+        assert tcp.returncode == 0, tcp.stderr
+        after = daemon.status("vm1")["vm1"]
+
+    up = after["uplink"]["packets"] - before["uplink"]["packets"]
+    down = after["downlink"]["packets"] - before["downlink"]["packets"]
+    # 20 pings + 200 UDP probes each way, plus the TCP exchange (handshake, data, acks, fin).
+    assert up >= 220 + 5 and down >= 220 + 5
+    assert after["uplink"]["passed_packets"] == after["uplink"]["packets"]
+    assert after["downlink"]["passed_packets"] == after["downlink"]["packets"]
+    assert after["uplink"]["bytes"] > 0 and after["downlink"]["bytes"] > 0
+
+
+def test_ipv6_passes_through_too(lab):
+    with DaemonProcess(lab.config_path) as daemon:
+        before = daemon.status("vm1")["vm1"]["uplink"]["packets"]
+        result = measure.ping(lab, "vm1", lab.inet_address6, count=10, interval=0.02)
+        assert result["loss_percent"] == 0.0
+        assert daemon.status("vm1")["vm1"]["uplink"]["packets"] - before >= 10
+
+
+def test_sigterm_restores_the_ruleset_exactly(lab, foreign_rules):
+    daemon = DaemonProcess(lab.config_path).start()
+    assert len([r for r in our_rules(lab) if "NFQUEUE" in r]) == 4 * len(lab.vms)
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert ruleset(lab) == foreign_rules
+
+
+def test_sigint_restores_the_ruleset_too(lab, foreign_rules):
+    daemon = DaemonProcess(lab.config_path).start()
+    daemon.stop(signal.SIGINT)
+    assert ruleset(lab) == foreign_rules
+
+
+def test_after_sigkill_a_restart_leaves_one_copy_and_cleanup_removes_it(lab, foreign_rules):
+    first = DaemonProcess(lab.config_path).start()
+    installed = our_rules(lab)
+    first.stop(signal.SIGKILL)
+    assert our_rules(lab) == installed  # a killed daemon cannot clean up
+    with DaemonProcess(lab.config_path):
+        assert our_rules(lab) == installed  # leftovers replaced, not duplicated
+    assert ruleset(lab) == foreign_rules
+    # --cleanup after another crash removes everything that is ours and nothing else.
+    DaemonProcess(lab.config_path).start().stop(signal.SIGKILL)
+    out = subprocess.run(
+        [*DaemonProcess.command(lab.config_path), "--cleanup"], capture_output=True, text=True, check=True
+    )
+    assert "removed" in out.stdout
+    assert ruleset(lab) == foreign_rules
+
+
+def test_fail_open_traffic_flows_after_sigkill(lab):
+    DaemonProcess(lab.config_path).start().stop(signal.SIGKILL)
+    assert our_rules(lab), "rules of the killed daemon are still there"
+    result = measure.ping(lab, "vm1", lab.inet_address, count=5, interval=0.05)
+    assert result["loss_percent"] == 0.0
+
+
+def test_fail_closed_traffic_stops_after_sigkill(lab):
+    text = lab.config_path.read_text().replace('fail_mode = "open"', 'fail_mode = "closed"')
+    assert 'fail_mode = "closed"' in text
+    lab.config_path.write_text(text)
+    DaemonProcess(lab.config_path).start().stop(signal.SIGKILL)
+    result = measure.ping(lab, "vm1", lab.inet_address, count=5, interval=0.05, wait_s=0.5)
+    assert result["loss_percent"] == 100.0
+    with DaemonProcess(lab.config_path):  # a restart brings traffic back
+        assert measure.ping(lab, "vm1", lab.inet_address, count=3, interval=0.05)["loss_percent"] == 0.0
+
+
+TCP_ECHO = """
+import socket
+s = socket.create_connection(("{addr}", {port}), timeout=5)
+data = bytes(range(256)) * 64
+s.sendall(data)
+got = b""
+while len(got) < len(data):
+    chunk = s.recv(65536)
+    assert chunk, "connection closed early"
+    got += chunk
+assert got == data
+"""
