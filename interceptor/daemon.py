@@ -34,7 +34,7 @@ class Daemon:
         self.config = config
         self.store = AssignmentStore(Path(config.state_dir))
         self.library = SkinLibrary.for_config(config)
-        self.shell = Shell(fail_open=config.fail_mode == "open")
+        self.shell = Shell(fail_open=config.fail_mode == "open", host_uplink_kbps=config.host_uplink_kbps)
         self.assignments: dict[str, Assignment] = {}
         self._library_stamp = None
         self._cancel: trio.CancelScope | None = None
@@ -209,7 +209,7 @@ class Daemon:
         cmd = request["cmd"]
         vm = request.get("vm")
         if cmd == "status":
-            return {"vms": self.status(vm)}
+            return {"vms": self.status(vm), "host": self.host_status()}
         if cmd == "apply":
             try:
                 copy = self._copy(request["skin"])
@@ -225,6 +225,14 @@ class Daemon:
         else:
             raise control.ControlError(f"unknown command '{cmd}'")
         return {"vms": self.status(vm)}
+
+    def host_status(self) -> dict:
+        link = self.shell.link
+        return {
+            "host_uplink_kbps": self.config.host_uplink_kbps,
+            "shared_uplink": {str(k): v for k, v in link.snapshot().items()} if link else None,
+            "held_packets": self.shell.held_packets,
+        }
 
     def status(self, vm: str | None = None) -> dict:
         names = [vm] if vm else list(self.shell.paths)

@@ -19,7 +19,7 @@ from typing import Callable
 import trio
 
 from interceptor.compiled import NO_SKIN, CompiledSkin
-from interceptor.engine import ACCEPT, Hold, Pipe
+from interceptor.engine import ACCEPT, DROP_QUEUE, Drop, Hold, Pipe, SharedLink
 from interceptor.nfqueue import Queue
 from interceptor.timer import TimerFd
 
@@ -29,6 +29,10 @@ log = logging.getLogger("netskin.shell")
 # the release task lags the timer by tens of microseconds; arming slightly ahead centres the
 # release error around zero instead of making every packet late.
 RELEASE_AHEAD_NS = 40_000
+
+# Stages a held packet can be waiting for.
+_DEPART = 0  # its departure: verdict accept
+_TO_LINK = 1  # its ready time behind the VM's own shaper: then it joins the shared uplink
 
 
 @dataclass
@@ -55,12 +59,23 @@ class VmPath:
 
 
 class Shell:
-    def __init__(self, *, fail_open: bool, max_held: int = 16384, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        fail_open: bool,
+        host_uplink_kbps: float = 0,
+        uplink_queue_limit_ns: int = 500_000_000,
+        max_held: int = 16384,
+        seed: int | None = None,
+    ) -> None:
         self.fail_open = fail_open
         self.max_held = max_held
         self.paths: dict[str, VmPath] = {}
+        # With a shared host uplink, every VM's uplink traffic also crosses one weighted link.
+        self.link = SharedLink(8e6 / host_uplink_kbps, uplink_queue_limit_ns) if host_uplink_kbps else None
+        self._link_now_ns = 0  # the link's inputs must never go back in time
         self._queues: list[Queue] = []
-        self._held: list = []  # heap of (departure_ns, seq, packet, pipe, size)
+        self._held: list = []  # heap of (time_ns, seq, packet, pipe, size, stage, path)
         self._seq = itertools.count()
         self._timer = TimerFd()
         self._random = random.Random(seed).random
@@ -70,10 +85,9 @@ class Shell:
 
     def add_vm(self, path: VmPath) -> None:
         self.paths[path.name] = path
-        for number, pipe in ((path.uplink_queue, path.uplink), (path.downlink_queue, path.downlink)):
-            self._queues.append(
-                Queue(number, self._handler(pipe), max_len=self.max_held, fail_open=self.fail_open)
-            )
+        uplink = self._shared_uplink_handler(path) if self.link else self._handler(path.uplink)
+        for number, handler in ((path.uplink_queue, uplink), (path.downlink_queue, self._handler(path.downlink))):
+            self._queues.append(Queue(number, handler, max_len=self.max_held, fail_open=self.fail_open))
 
     def _handler(self, pipe: Pipe) -> Callable:
         # The hot path: everything it needs is bound to locals once, here.
@@ -92,13 +106,55 @@ class Shell:
                 packet.accept()
             elif decision.__class__ is Hold:
                 departure = decision.departure_ns
-                push(held, (departure, next(seq), packet, pipe, size))
-                if held[0][2] is packet:  # a new earliest departure: the timer must fire sooner
+                push(held, (departure, next(seq), packet, pipe, size, _DEPART, None))
+                armed = timer.armed_ns
+                if not armed or departure - ahead < armed:  # due before the timer: fire sooner
                     timer.arm(departure - ahead)
             else:
                 packet.drop()
 
         return on_packet
+
+    def _shared_uplink_handler(self, path: VmPath) -> Callable:
+        """Uplink with a shared host link: VM loss and shaper, then the weighted link, then delay."""
+        pipe = path.uplink
+        admit = pipe.admit
+        rand = self._random
+
+        def on_packet(packet) -> None:
+            size = packet.get_payload_len()
+            now = monotonic_ns()
+            ready = admit(size, now, rand)
+            if ready.__class__ is Drop:
+                packet.drop()
+                return
+            pipe.hold(size)
+            if ready <= now:
+                self._to_link(packet, pipe, size, path, now)
+                self._rearm()
+            else:
+                heapq.heappush(self._held, (ready, next(self._seq), packet, pipe, size, _TO_LINK, path))
+                self._rearm()
+
+        return on_packet
+
+    def _to_link(self, packet, pipe: Pipe, size: int, path: VmPath, at_ns: int) -> None:
+        at_ns = self._link_now_ns = max(at_ns, self._link_now_ns)
+        if not self.link.enqueue(path.name, path.skin.qos_weight, size, (packet, pipe, size), at_ns):
+            pipe.count_drop(DROP_QUEUE, size, held=True)
+            packet.drop()
+
+    def _rearm(self) -> None:
+        """Arm the timer for the earliest of the next held packet and the link's next departure."""
+        due = self._held[0][0] if self._held else None
+        if self.link is not None:
+            link_due = self.link.next_departure_ns()
+            if link_due is not None and (due is None or link_due < due):
+                due = link_due
+        if due is None:
+            self._timer.disarm()
+        elif due - RELEASE_AHEAD_NS != self._timer.armed_ns:
+            self._timer.arm(due - RELEASE_AHEAD_NS)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -112,26 +168,43 @@ class Shell:
     async def _release_loop(self) -> None:
         held = self._held
         pop = heapq.heappop
+        push = heapq.heappush
         timer = self._timer
         late = self.release_late_ns
+        link = self.link
         while True:
             await timer.wait()
             now = monotonic_ns()
             horizon = now + RELEASE_AHEAD_NS
-            while held and held[0][0] <= horizon:
-                departure, _, packet, pipe, size = pop(held)
-                packet.accept()
-                pipe.released(size)
-                if len(late) < 100_000:
-                    late.append(now - departure)
-            if held:
-                timer.arm(held[0][0] - RELEASE_AHEAD_NS)
+            while True:
+                while held and held[0][0] <= horizon:
+                    due, _, packet, pipe, size, stage, path = pop(held)
+                    if stage == _DEPART:
+                        packet.accept()
+                        pipe.released(size)
+                        if len(late) < 100_000:
+                            late.append(now - due)
+                    else:
+                        self._to_link(packet, pipe, size, path, due)
+                if link is None:
+                    break
+                sent = link.dequeue(horizon)
+                if not sent:
+                    break
+                # Off the shared link: the VM's own delay line comes last (propagation).
+                for (packet, pipe, size), departure in sent:
+                    departure = pipe.delay(departure, self._random)
+                    push(held, (departure, next(self._seq), packet, pipe, size, _DEPART, None))
+            self._rearm()
 
     def release_all(self) -> int:
         """Verdict every held packet now (on shutdown: a stopped daemon must not eat packets)."""
         released = 0
-        while self._held:
-            _, _, packet, pipe, size = heapq.heappop(self._held)
+        waiting = [(packet, pipe, size) for _, _, packet, pipe, size, _, _ in self._held]
+        if self.link is not None:
+            waiting += [item for item, _ in self.link.dequeue(1 << 62)]
+        self._held.clear()
+        for packet, pipe, size in waiting:
             try:
                 packet.accept()
                 pipe.released(size)

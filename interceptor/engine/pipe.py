@@ -129,6 +129,12 @@ class Pipe:
         """Departure time (ns) of a packet ready at ``ready_ns`` (updates the delay line only)."""
         return departure(self._skin, self.line, ready_ns, random)
 
+    def hold(self, size: int) -> None:
+        """The shell holds a packet this pipe admitted (for the shared uplink stage)."""
+        self.held_packets += 1
+        self.held_bytes += size
+        self.held_total += 1
+
     def released(self, size: int) -> None:
         """The shell accepted a packet this pipe had held."""
         self.held_packets -= 1
