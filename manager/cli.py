@@ -263,3 +263,174 @@ def _loss(entry: Entry) -> str:
 # --- further command groups (lab, demo, apply, rollback, revert, status, top, serve) ---------
 # Reuse ConfigOption, JsonOption, load_config, fail and print_json; raise UserError for
 # problems the user can fix.
+
+
+def _daemon_call(fn, *args):
+    """Run a daemon request; map 'not running' to exit 2 and refusals to their exit codes."""
+    from interceptor import control
+
+    try:
+        return fn(*args)
+    except control.DaemonUnreachable as exc:
+        fail(f"{exc}", 2)
+    except control.ControlError as exc:
+        fail(str(exc), exc.code)
+
+
+VmArgument = Annotated[str, typer.Argument(help="The VM's name in the host configuration.")]
+
+
+@app.command("apply")
+def apply_cmd(vm: VmArgument, skin: Annotated[str, typer.Argument(help="Skin name.")],
+              config: ConfigOption = None, as_json: JsonOption = False,
+              timeout: Annotated[float, typer.Option(help="Seconds to wait for verification.")] = 5.0) -> None:
+    """Swap VM's active skin atomically; the old one becomes the shadow."""
+    from manager import assign
+
+    host = load_config(config)
+    try:
+        result = _daemon_call(assign.apply, host, vm, skin, timeout)
+    except assign.VerifyFailed as exc:
+        if as_json:
+            print_json({"verified": False, "error": str(exc), "vm": exc.status})
+        fail(str(exc), 3)
+    _report_vm(vm, result, as_json, f"{vm}: {skin} active (generation {result['generation']})")
+
+
+@app.command("rollback")
+def rollback_cmd(vm: VmArgument, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Swap the active and shadow skins (undo the last apply)."""
+    from manager import assign
+
+    result = _daemon_call(assign.rollback, load_config(config), vm)
+    _report_vm(vm, result, as_json, f"{vm}: rolled back to {result['active']} (generation {result['generation']})")
+
+
+@app.command("revert")
+def revert_cmd(vm: VmArgument, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Remove the skin and restore the VM's original configuration."""
+    from manager import assign
+
+    result = _daemon_call(assign.revert, load_config(config), vm)
+    _report_vm(vm, result, as_json, f"{vm}: reverted to its original configuration (generation {result['generation']})")
+
+
+def _report_vm(vm: str, result: dict, as_json: bool, line: str) -> None:
+    if as_json:
+        print_json({vm: result})
+    else:
+        typer.echo(line)
+
+
+@app.command("status")
+def status_cmd(vm: Annotated[Optional[str], typer.Argument(help="One VM (default: all).")] = None,
+               config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Per VM: active skin, shadow, generation and live counters."""
+    from manager import assign
+
+    reply = _daemon_call(assign.status, load_config(config), vm)
+    if as_json:
+        print_json(reply)
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for heading in ("vm", "active", "gen", "shadow", "dir", "packets", "passed", "drops", "held"):
+        table.add_column(heading, justify="right" if heading in ("gen", "packets", "passed", "held") else "left")
+    for name, st in reply["vms"].items():
+        for i, direction in enumerate(("uplink", "downlink")):
+            c = st[direction]
+            drops = ", ".join(f"{k} {v}" for k, v in c["drops"].items() if v) or "0"
+            head = (name, st["active"] or "-", str(st["generation"]), st["shadow"] or "-") if i == 0 else ("",) * 4
+            table.add_row(*head, direction, str(c["packets"]), str(c["passed_packets"]), drops, str(c["held_packets"]))
+        if st.get("reload_error"):
+            table.add_row("", f"[red]reload error:[/] {st['reload_error']}", *[""] * 7)
+    console.print(table)
+
+
+@app.command("top")
+def top_cmd(config: ConfigOption = None,
+            interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+            iterations: Annotated[int, typer.Option(help="Stop after N refreshes (0: until Ctrl-C).")] = 0) -> None:
+    """Live per-VM view of packets/s, bytes/s, drops and queue depth."""
+    import time
+
+    from rich.live import Live
+
+    from manager import assign
+
+    host = load_config(config)
+    previous, then = None, time.monotonic()
+    count = 0
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                current = _daemon_call(assign.status, host)["vms"]
+                now = time.monotonic()
+                live.update(_top_table(current, previous, now - then), refresh=True)
+                previous, then = current, now
+                count += 1
+                if iterations and count >= iterations:
+                    break
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+def _top_table(current: dict, previous: dict | None, elapsed: float) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title="netskin top")
+    for heading in ("vm", "skin", "dir", "pkt/s", "kbit/s", "drops/s", "drops total", "queue pkts", "queue bytes"):
+        table.add_column(heading, justify="left" if heading in ("vm", "skin", "dir") else "right")
+    for name, st in current.items():
+        for direction in ("uplink", "downlink"):
+            c = st[direction]
+            p = previous[name][direction] if previous and name in previous else c
+            dt = max(elapsed, 1e-6) if previous else 1.0
+            rate = lambda key: (c[key] - p[key]) / dt  # noqa: E731
+            table.add_row(name, st["active"] or "-", direction, f"{rate('packets'):.0f}",
+                          f"{rate('bytes') * 8 / 1000:.1f}", f"{rate('dropped_packets'):.0f}",
+                          str(c["dropped_packets"]), str(c["held_packets"]), str(c["held_bytes"]))
+    return table
+
+
+# --- netskin lab / demo ----------------------------------------------------------------------
+
+lab_app = typer.Typer(no_args_is_help=True, help="The network-namespace demo lab.")
+app.add_typer(lab_app, name="lab")
+PrefixOption = Annotated[str, typer.Option(help="Name prefix of the lab's namespaces.")]
+
+
+@lab_app.command("up")
+def lab_up_cmd(vms: Annotated[int, typer.Option(min=1, max=50, help="Number of VMs.")] = 2,
+               prefix: PrefixOption = "nsk", as_json: JsonOption = False) -> None:
+    """Build the lab: a hypervisor, N VMs and an internet namespace; write its host config."""
+    from manager.lab import LabError, lab_up
+
+    try:
+        lab = lab_up(prefix, vms)
+    except LabError as exc:
+        fail(f"{exc}")
+    if as_json:
+        print_json({"prefix": lab.prefix, "config": str(lab.config_path), "namespaces": lab.namespaces})
+        return
+    typer.echo(f"lab {lab.prefix} up: {', '.join(lab.namespaces)}")
+    typer.echo(f"host config: {lab.config_path}")
+    typer.echo(f"start the daemon:  netskin-interceptor --config {lab.config_path}")
+
+
+@lab_app.command("down")
+def lab_down_cmd(prefix: PrefixOption = "nsk") -> None:
+    """Remove the lab: its namespaces, sink processes and files."""
+    from manager.lab import lab_down
+
+    lab_down(prefix)
+    typer.echo(f"lab {prefix} removed")
+
+
+@app.command("demo")
+def demo_cmd(skin: Annotated[str, typer.Option(help="The skin to apply.")] = "comcast-3g",
+             prefix: PrefixOption = "nskdemo", as_json: JsonOption = False) -> None:
+    """Lab up, daemon started, a skin applied, and its effect measured before and after."""
+    from manager.demo import run_demo
+
+    result = run_demo(skin, prefix, console=None if as_json else console)
+    if as_json:
+        print_json(result)

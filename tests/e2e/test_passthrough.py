@@ -10,7 +10,7 @@ import time
 import pytest
 
 from manager import measure
-from tests.e2e.daemon_process import DaemonProcess
+from manager.process import DaemonProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""Run the real daemon as a process for end-to-end tests."""
+"""The daemon as a child process: started, waited for on its control socket, stopped (demo, tests)."""
 
 from __future__ import annotations
 
