@@ -43,6 +43,7 @@ class Daemon:
 
     def prepare(self) -> None:
         """Compile every VM's skin and bind its queues (before any rule steers traffic)."""
+        self._library_stamp = self.library.stamp()
         for index, (name, vm) in enumerate(self.config.vms.items()):
             up, down = self.config.queue_numbers(index)
             path = VmPath(name=name, index=index, interface=vm.interface, uplink_queue=up, downlink_queue=down)
@@ -199,9 +200,8 @@ class Daemon:
             await trio.sleep(RESCAN_INTERVAL_S)
             stamp = self.library.stamp()
             if stamp != self._library_stamp:
-                if self._library_stamp is not None:
-                    self.rescan()
                 self._library_stamp = stamp
+                self.rescan()
 
     # -- control requests ---------------------------------------------------------------------
 

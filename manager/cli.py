@@ -341,9 +341,10 @@ def status_cmd(vm: Annotated[Optional[str], typer.Argument(help="One VM (default
             drops = ", ".join(f"{k} {v}" for k, v in c["drops"].items() if v) or "0"
             head = (name, st["active"] or "-", str(st["generation"]), st["shadow"] or "-") if i == 0 else ("",) * 4
             table.add_row(*head, direction, str(c["packets"]), str(c["passed_packets"]), drops, str(c["held_packets"]))
-        if st.get("reload_error"):
-            table.add_row("", f"[red]reload error:[/] {st['reload_error']}", *[""] * 7)
     console.print(table)
+    for name, st in reply["vms"].items():
+        if st.get("reload_error"):  # full text, never cut to the table's width
+            typer.echo(f"{name}: reload error: {st['reload_error']}")
 
 
 @app.command("top")
@@ -434,3 +435,7 @@ def demo_cmd(skin: Annotated[str, typer.Option(help="The skin to apply.")] = "co
     result = run_demo(skin, prefix, console=None if as_json else console)
     if as_json:
         print_json(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The benchmark's baseline: the barest NFQUEUE accept loop netfilterqueue allows.
+
+Binds the queue numbers the daemon would bind (``queue_base + 2*i`` uplink, ``+1`` downlink),
+with the daemon's queue length and socket buffer, installs netskin's own rules for them, and
+accepts every packet in the callback, served by the blocking ``run()`` (the fastest form). The
+first VM's uplink queue, which carries the benchmark's traffic, is served on the main thread;
+the other queues (a few control packets) on threads that block the stop signals, so SIGTERM
+always lands on the main thread, interrupts its ``recv`` and removes the rules.
+
+Run inside the namespace the daemon would run in:
+
+    ip netns exec nskb-hv python -m bench.bare_loop --interface tap-vm1 --queue-base 7700
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from netfilterqueue import COPY_PACKET, NetfilterQueue
+
+from interceptor import rules
+from interceptor.nfqueue import set_fail_open
+
+# The same binding parameters as interceptor.nfqueue.Queue uses.
+MAX_LEN = 16384
+SOCK_LEN = 8 << 20
+
+
+def accept(packet) -> None:
+    packet.accept()
+
+
+def _serve_quietly(queue: NetfilterQueue) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    queue.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bare_loop", description=__doc__.splitlines()[0])
+    parser.add_argument("--interface", action="append", required=True, help="a VM's host-side device (repeatable)")
+    parser.add_argument("--queue-base", type=int, default=7700)
+    parser.add_argument("--fail-open", action="store_true", help="as fail_mode = open (default: closed)")
+    args = parser.parse_args(argv)
+
+    queues: list[NetfilterQueue] = []
+    steering: list[rules.VmQueues] = []
+    for index, interface in enumerate(args.interface):
+        uplink, downlink = args.queue_base + 2 * index, args.queue_base + 2 * index + 1
+        for number in (uplink, downlink):
+            queue = NetfilterQueue()
+            queue.bind(number, accept, max_len=MAX_LEN, mode=COPY_PACKET, sock_len=SOCK_LEN)
+            if args.fail_open:
+                set_fail_open(queue.get_fd(), number)
+            queues.append(queue)
+        steering.append(rules.VmQueues(interface, uplink, downlink))
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        rules.install(steering, fail_open=args.fail_open)
+        for queue in queues[1:]:
+            threading.Thread(target=_serve_quietly, args=(queue,), daemon=True).start()
+        print("ready", flush=True)
+        queues[0].run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rules.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The benchmark's UDP traffic: a reflector, an RTT prober, a paced one-way sender and a counter.
+
+Runs as its own process inside a lab namespace (``ip netns exec NS python -m bench.udp_tool ...``)
+and prints one JSON object on stdout when done. Receive times are the kernel's (SO_TIMESTAMPNS,
+CLOCK_REALTIME), so a late wake-up of this process does not show up as network delay; send times
+are taken with the same clock just before ``send``.
+
+    udp_tool reflect 10.77.0.2:9100
+    udp_tool rtt 10.77.0.2:9100 --rate 1000 --seconds 3
+    udp_tool count 10.77.0.2:9101 --idle 1.0 --timeout 30     (prints "ready" first)
+    udp_tool send 10.77.0.2:9101 --count 10000 --rate 5000 --size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+HEADER = struct.Struct("!IQ")  # sequence number, send time (ns, CLOCK_REALTIME)
+TIMESPEC = struct.Struct("@qq")
+IPV4_UDP_OVERHEAD_BYTES = 28  # what a UDP payload gains on the wire as an IPv4 packet
+BUFFER_BYTES = 8 << 20
+_CMSG_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
+
+
+def _address(spec: str) -> tuple[str, int]:
+    host, _, port = spec.rpartition(":")
+    return host, int(port)
+
+
+def _socket(timestamps: bool = False) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        # FORCE variants: root may exceed rmem_max/wmem_max, which are not settable per netns here.
+        forced = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32}[option]  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, BUFFER_BYTES)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_BYTES)
+    if timestamps:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_TIMESTAMPNS, 1)
+    return sock
+
+
+def _received_ns(ancdata) -> int:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SO_TIMESTAMPNS:
+            seconds, nanoseconds = TIMESPEC.unpack_from(data)
+            return seconds * 1_000_000_000 + nanoseconds
+    return time.time_ns()
+
+
+def _stop_on_sigterm() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def reflect(bind: str) -> None:
+    """Echo every datagram back to its sender until SIGTERM (a blocking loop: the least latency)."""
+    _stop_on_sigterm()
+    sock = _socket()
+    sock.bind(_address(bind))
+    print("ready", flush=True)
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+    while True:
+        data, peer = recvfrom(65535)
+        sendto(data, peer)
+
+
+def rtt(target: str, rate_pps: float, seconds: float, size: int, grace_s: float) -> dict:
+    """Send numbered probes at rate_pps, match the echoes; RTTs in µs (None = no echo)."""
+    sock = _socket(timestamps=True)
+    sock.connect(_address(target))
+    sock.setblocking(False)
+    count = max(1, int(rate_pps * seconds))
+    padding = bytes(max(0, size - HEADER.size))
+    interval_ns = int(1e9 / rate_pps)
+    rtt_ns: list[int | None] = [None] * count
+    start = time.monotonic_ns()
+    sent = 0
+    end = None
+    while True:
+        now = time.monotonic_ns()
+        while sent < count and now >= start + sent * interval_ns:
+            sock.send(HEADER.pack(sent, time.time_ns()) + padding)
+            sent += 1
+        if sent == count and end is None:
+            end = now + int(grace_s * 1e9)
+        if end is not None and now >= end:
+            break
+        wake = end if sent == count else start + sent * interval_ns
+        readable, _, _ = select.select([sock], [], [], max(0, wake - now) / 1e9)
+        while readable:
+            try:
+                data, ancdata, _, _ = sock.recvmsg(2048, _CMSG_SPACE)
+            except BlockingIOError:
+                break
+            if len(data) >= HEADER.size:
+                seq, sent_ns = HEADER.unpack_from(data)
+                if seq < count and rtt_ns[seq] is None:
+                    rtt_ns[seq] = _received_ns(ancdata) - sent_ns
+    return {"sent": count, "rtt_us": [None if v is None else v / 1000 for v in rtt_ns]}
+
+
+def send(target: str, count: int, rate_pps: float, size: int) -> dict:
+    """Send count numbered datagrams of size payload bytes, paced at rate_pps (batched per tick)."""
+    sock = _socket()
+    sock.connect(_address(target))
+    padding = bytes(max(0, size - HEADER.size))
+    interval_s = 1.0 / rate_pps
+    min_sleep_s = 0.0002  # above 5k pps send small batches instead of sleeping per packet
+    pack, send_ = HEADER.pack, sock.send
+    errors = 0
+    start = time.monotonic()
+    sent = 0
+    while sent < count:
+        due = min(count, int((time.monotonic() - start) * rate_pps) + 1)
+        while sent < due:
+            try:
+                send_(pack(sent, time.time_ns()) + padding)
+            except OSError:  # ENOBUFS and the like: the datagram is lost before the path under test
+                errors += 1
+            sent += 1
+        next_s = start + sent * interval_s
+        delay = next_s - time.monotonic()
+        if delay > 0:
+            time.sleep(max(delay, min_sleep_s))
+    elapsed = time.monotonic() - start
+    return {"sent": sent, "send_errors": errors, "seconds": elapsed, "size": size}
+
+
+def count(bind: str, idle_s: float, timeout_s: float, warmup_s: float) -> dict:
+    """Count datagrams until idle_s passes with none (after the first) or timeout_s in all.
+
+    Reports distinct sequence numbers (for loss), and the receive rate in IP bits/s over the
+    packets that arrived after ``warmup_s``: bytes after the first of them divided by the time
+    from the first to the last, which needs no agreement with the sender about start and end.
+    """
+    _stop_on_sigterm()
+    sock = _socket(timestamps=True)
+    sock.bind(_address(bind))
+    print("ready", flush=True)
+    seen = bytearray()
+    arrivals = array.array("q")
+    sizes = array.array("i")
+    duplicates = 0
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        now = time.monotonic()
+        limit = deadline if last is None else min(deadline, last + idle_s)
+        if now >= limit:
+            break
+        readable, _, _ = select.select([sock], [], [], limit - now)
+        if not readable:
+            continue
+        data, ancdata, _, _ = sock.recvmsg(65535, _CMSG_SPACE)
+        last = time.monotonic()
+        arrivals.append(_received_ns(ancdata))
+        sizes.append(len(data) + IPV4_UDP_OVERHEAD_BYTES)
+        if len(data) >= HEADER.size:
+            seq = HEADER.unpack_from(data)[0]
+            if seq >= len(seen):
+                seen.extend(bytes(seq + 1 - len(seen) + 4096))
+            if seen[seq]:
+                duplicates += 1
+            seen[seq] = 1
+    received = sum(seen)
+    result = {"received": received, "duplicates": duplicates, "datagrams": len(arrivals),
+              "ip_bytes": sum(sizes), "ip_bits_per_second": None, "window_s": 0.0}
+    if arrivals:
+        first_ns = arrivals[0] + int(warmup_s * 1e9)
+        window = [i for i, t in enumerate(arrivals) if t >= first_ns]
+        if len(window) >= 2:
+            span_ns = arrivals[window[-1]] - arrivals[window[0]]
+            bits = 8 * sum(sizes[i] for i in window[1:])
+            if span_ns > 0:
+                result["ip_bits_per_second"] = bits * 1e9 / span_ns
+                result["window_s"] = span_ns / 1e9
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.udp_tool", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("reflect")
+    p.add_argument("bind")
+    p = sub.add_parser("rtt")
+    p.add_argument("target")
+    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--grace", type=float, default=1.0)
+    p = sub.add_parser("send")
+    p.add_argument("target")
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--rate", type=float, required=True)
+    p.add_argument("--size", type=int, default=64)
+    p = sub.add_parser("count")
+    p.add_argument("bind")
+    p.add_argument("--idle", type=float, default=1.0)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--warmup", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    if args.cmd == "reflect":
+        reflect(args.bind)
+        return 0
+    if args.cmd == "rtt":
+        result = rtt(args.target, args.rate, args.seconds, args.size, args.grace)
+    elif args.cmd == "send":
+        result = send(args.target, args.count, args.rate, args.size)
+    else:
+        result = count(args.bind, args.idle, args.timeout, args.warmup)
+    json.dump(result, sys.stdout)
+    print(flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
