@@ -248,11 +248,24 @@ class Daemon:
                 "enforced_generation": path.generation,
                 "original": a.original,
                 "reload_error": a.reload_error,
+                "verify_problems": [f"{field} is not enforced by this netskin version" for field in
+                                    _unenforced(path.skin, a.active)],
                 "queues": {"uplink": path.uplink_queue, "downlink": path.downlink_queue},
                 "uplink": path.uplink.snapshot(),
                 "downlink": path.downlink.snapshot(),
             }
         return out
+
+
+def _unenforced(skin: CompiledSkin, copy: SkinCopy | None) -> list[str]:
+    """Parts of a skin this version validates but cannot enforce yet: reported, never ignored."""
+    fields = [name for name in ("security_profile", "ip_address", "mac_address", "mtu")
+              if getattr(skin, name) is not None]
+    if skin.dns_servers:
+        fields.append("dns_servers")
+    if copy is not None and copy.document.get("dns"):
+        fields.append("dns")
+    return fields
 
 
 def _enter_netns(name: str) -> None:

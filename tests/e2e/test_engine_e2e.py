@@ -214,14 +214,19 @@ def test_jitter_spreads_rtt_but_keeps_order_unless_reordering_is_asked(lab, daem
 def test_gilbert_elliott_losses_come_in_bursts(lab, daemon, skins):
     p, r = 0.05, 0.30
     apply(daemon, "vm1", skins("bursty", loss_model={"gilbert_elliott": {"p": p * 100, "r": r * 100}}))
+    before = daemon.status("vm1")["vm1"]["uplink"]
     up = oneway.send(lab, "vm1", "inet", count=LOSS_PACKETS, rate_pps=LOSS_RATE_PPS)
+    after = daemon.status("vm1")["vm1"]["uplink"]
+    judged = after["packets"] - before["packets"]
+    counted = after["drops"]["loss"] - before["drops"]["loss"]
     bursts = up.loss_bursts()
     mean_burst = statistics.fmean(bursts) if bursts else 0.0
     loss = up.lost / up.sent
     expected = p / (p + r)
     print(f"\nGilbert-Elliott p {p:.0%} r {r:.0%}: lost {up.lost}/{up.sent} ({loss:.1%}, stationary "
           f"{expected:.1%}) in {len(bursts)} bursts, mean burst {mean_burst:.2f} (1/r = {1 / r:.2f}; "
-          f"independent loss would give {1 / (1 - expected):.2f})")
+          f"independent loss would give {1 / (1 - expected):.2f}); daemon judged {judged}, dropped {counted}")
+    assert judged == up.sent and counted == up.lost  # every datagram met the skin
     assert mean_burst > 1.5
     # Correlated losses vary more than independent ones: widen the interval by the chain's
     # variance factor (1 + λ) / (1 − λ), λ = 1 − p − r.
