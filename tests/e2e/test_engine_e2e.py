@@ -124,7 +124,8 @@ def test_one_way_loss_matches_the_asked_probability_in_its_direction_only(lab, d
     measured = {"uplink": up, "downlink": down}
     lo, hi = oneway.binomial_interval(LOSS_PACKETS, 0.8, CONFIDENCE)
     lossless = "downlink" if lossy == "uplink" else "uplink"
-    counted = after[lossy]["drops"].get("loss", 0) - before[lossy]["drops"].get("loss", 0)
+    counted = after[lossy]["drops"]["loss"] - before[lossy]["drops"]["loss"]
+    judged = after[lossy]["packets"] - before[lossy]["packets"]
     print(f"\n{lossy} loss 20%: {lossy} delivered {measured[lossy].received}/{LOSS_PACKETS} "
           f"(99.9% interval {lo}-{hi}), daemon counted {counted} 'loss' drops; "
           f"{lossless} delivered {measured[lossless].received}/{LOSS_PACKETS}")
@@ -132,7 +133,8 @@ def test_one_way_loss_matches_the_asked_probability_in_its_direction_only(lab, d
     # The other direction is untouched: any loss there is the host's, not the skin's (≤ 0.5%).
     assert measured[lossless].lost <= LOSS_PACKETS // 200, f"{lossless} lost {measured[lossless].lost}"
     assert after[lossless]["drops"] == before[lossless]["drops"]
-    assert counted == measured[lossy].lost
+    # Every datagram met the skin (none slipped past a full queue) and every loss is counted.
+    assert judged == LOSS_PACKETS and counted == measured[lossy].lost
 
 
 # --- 3. rate ---------------------------------------------------------------------------------
@@ -149,7 +151,7 @@ def test_tcp_and_udp_throughput_match_the_rate_of_each_direction(lab, daemon, sk
     udp = udp_iperf3(lab, "vm1", rate="3M", seconds=4)
     after = daemon.status("vm1")["vm1"]
     offered = after["uplink"]["packets"] - before["uplink"]["packets"]
-    queue_drops = after["uplink"]["drops"].get("queue", 0) - before["uplink"]["drops"].get("queue", 0)
+    queue_drops = after["uplink"]["drops"]["queue"] - before["uplink"]["drops"]["queue"]
     print(f"UDP offered 3 Mbit/s up: received {udp['received_bps'] / 1e6:.3f} Mbit/s, "
           f"iperf3 lost {udp['lost_packets']}/{udp['packets']}; daemon queue drops {queue_drops}/{offered}")
 
@@ -160,6 +162,7 @@ def test_tcp_and_udp_throughput_match_the_rate_of_each_direction(lab, daemon, sk
         f"UDP up received {udp['received_bps'] / 1e6:.3f} Mbit/s, asked 2"
     # A third of what is offered is over the rate; the 500 ms queue absorbs a little of it.
     assert 0.15 * offered <= queue_drops <= 0.45 * offered
+    assert udp["lost_packets"] <= queue_drops  # what iperf3 missed is what the queue dropped
     assert {reason for reason, n in after["uplink"]["drops"].items() if n} == {"queue"}
     assert after["downlink"]["dropped_packets"] == 0
 
