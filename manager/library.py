@@ -6,11 +6,10 @@ the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from interceptor import library
+from interceptor.assignments import write_atomically
 from interceptor.library import PRESETS_ENV, Entry, LibraryError, presets_dir
 from interceptor.schema import load_skin_file, read_skin_file
 
@@ -65,7 +64,7 @@ class SkinLibrary(library.SkinLibrary):
         target = self.skins_dir / f"{name}{source.suffix.lower()}"
         try:
             self.skins_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomically(target, source.read_bytes())
+            write_atomically(target, source.read_bytes(), mode=0o644)  # skins are not secrets
         except OSError as error:
             raise LibraryError(
                 f"cannot write {target}: {error.strerror}; check skins_dir in the host "
@@ -74,22 +73,3 @@ class SkinLibrary(library.SkinLibrary):
         document, skin = read_skin_file(target)
         return Entry(name, target, "drop-in", skin=skin, document=document)
 
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; skins are not secrets
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    # The rename is durable only once the directory entry is on disk too.
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
