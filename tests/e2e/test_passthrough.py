@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import time
 
 import pytest
 
@@ -37,16 +35,6 @@ def foreign_rules(lab):
     lab.exec("hv", ["iptables", "-A", "FORWARD", "-j", "HOST-OWN"], check=True)
     lab.exec("hv", ["ip6tables", "-A", "INPUT", "-p", "udp", "--dport", "5353", "-j", "ACCEPT"], check=True)
     return ruleset(lab)
-
-
-def wait_for(predicate, timeout=5.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def test_every_packet_passes_through_the_queues_in_both_directions(lab):
@@ -126,7 +114,6 @@ def test_fail_closed_traffic_stops_after_sigkill(lab):
 
 
 TCP_ECHO = """
-import socket
 s = socket.create_connection(("{addr}", {port}), timeout=5)
 data = bytes(range(256)) * 64
 s.sendall(data)
