@@ -133,8 +133,11 @@ def test_one_way_loss_matches_the_asked_probability_in_its_direction_only(lab, d
     # The other direction is untouched: any loss there is the host's, not the skin's (≤ 0.5%).
     assert measured[lossless].lost <= LOSS_PACKETS // 200, f"{lossless} lost {measured[lossless].lost}"
     assert after[lossless]["drops"] == before[lossless]["drops"]
-    # Every datagram met the skin (none slipped past a full queue) and every loss is counted.
-    assert judged == LOSS_PACKETS and counted == measured[lossy].lost
+    # Every datagram met the skin (none slipped past a full queue) and every loss is counted. The
+    # VM's own background packets (IPv6 neighbour discovery, say) may add a few to both counts.
+    stray = judged - LOSS_PACKETS
+    assert 0 <= stray <= 10
+    assert measured[lossy].lost <= counted <= measured[lossy].lost + stray
 
 
 # --- 3. rate ---------------------------------------------------------------------------------
@@ -229,7 +232,8 @@ def test_gilbert_elliott_losses_come_in_bursts(lab, daemon, skins):
     print(f"\nGilbert-Elliott p {p:.0%} r {r:.0%}: lost {up.lost}/{up.sent} ({loss:.1%}, stationary "
           f"{expected:.1%}) in {len(bursts)} bursts, mean burst {mean_burst:.2f} (1/r = {1 / r:.2f}; "
           f"independent loss would give {1 / (1 - expected):.2f}); daemon judged {judged}, dropped {counted}")
-    assert judged == up.sent and counted == up.lost  # every datagram met the skin
+    stray = judged - up.sent  # the VM's own background packets (neighbour discovery) may add a few
+    assert 0 <= stray <= 10 and up.lost <= counted <= up.lost + stray  # every datagram met the skin
     assert mean_burst > 1.5
     # Correlated losses vary more than independent ones: widen the interval by the chain's
     # variance factor (1 + λ) / (1 − λ), λ = 1 − p − r.
