@@ -209,8 +209,17 @@ def skins_update(
 
 @skins_app.command("delete")
 def skins_delete(name: str, config: ConfigOption = None) -> None:
-    """Remove a drop-in skin (presets cannot be deleted)."""
-    library = open_library(config)
+    """Remove a drop-in skin (presets cannot be deleted; nor can a skin a VM wears)."""
+    from interceptor.assignments import AssignmentStore
+
+    host = load_config(config)
+    store = AssignmentStore(Path(host.state_dir))
+    for vm in host.vms:
+        assignment = store.load(vm)
+        if assignment and assignment.active and assignment.active.name == name:
+            fail(f"skin {name!r} is active on VM {vm!r}; apply another skin to it or "
+                 f"`netskin revert {vm}` first")
+    library = SkinLibrary(host.skins_dir)
     entry = library.delete(name)
     uncovered = any(e.name == name and e.origin == "preset" for e in library.entries())
     note = f"; the preset {name} is visible again" if uncovered else ""

@@ -227,3 +227,23 @@ def test_temporary_and_hidden_files_are_not_skins(tmp_path):
     (tmp_path / ".hidden.yaml").write_text("latency_ms: 1\n")
     (tmp_path / "notes.txt").write_text("hello")
     assert SkinLibrary(tmp_path, presets=tmp_path / "none").entries() == []
+
+
+def test_delete_refuses_a_skin_a_vm_wears(tmp_path):
+    from interceptor.assignments import Assignment, AssignmentStore, SkinCopy
+
+    skins = tmp_path / "skins"
+    skins.mkdir()
+    (skins / "worn.json").write_text('{"latency_ms": 10}')
+    config = tmp_path / "host.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path / "state"}"\nskins_dir = "{skins}"\n'
+        '[vms.web1]\ninterface = "tap-web1"\naddress = "10.77.1.2"\n'
+    )
+    AssignmentStore(tmp_path / "state").save(
+        Assignment(vm="web1", active=SkinCopy("worn", {"latency_ms": 10}), generation=1)
+    )
+    result = runner.invoke(app, ["skins", "delete", "worn", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "web1" in result.output and "revert" in result.output
+    assert (skins / "worn.json").exists()
