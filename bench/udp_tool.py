@@ -27,6 +27,8 @@ HEADER = struct.Struct("!IQ")  # sequence number, send time (ns, CLOCK_REALTIME)
 TIMESPEC = struct.Struct("@qq")
 IPV4_UDP_OVERHEAD_BYTES = 28  # what a UDP payload gains on the wire as an IPv4 packet
 BUFFER_BYTES = 8 << 20
+SO_TIMESTAMPNS = 35  # Linux (asm-generic); the socket module does not export it
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 _CMSG_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
 
 
@@ -37,21 +39,20 @@ def _address(spec: str) -> tuple[str, int]:
 
 def _socket(timestamps: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        # FORCE variants: root may exceed rmem_max/wmem_max, which are not settable per netns here.
-        forced = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32}[option]  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+    # The FORCE variants let root exceed rmem_max/wmem_max, which are not settable per netns here.
+    for option, forced in ((socket.SO_RCVBUF, SO_RCVBUFFORCE), (socket.SO_SNDBUF, SO_SNDBUFFORCE)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, forced, BUFFER_BYTES)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_BYTES)
     if timestamps:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_TIMESTAMPNS, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     return sock
 
 
 def _received_ns(ancdata) -> int:
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SO_TIMESTAMPNS:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
             seconds, nanoseconds = TIMESPEC.unpack_from(data)
             return seconds * 1_000_000_000 + nanoseconds
     return time.time_ns()

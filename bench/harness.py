@@ -1,0 +1,300 @@
+"""The benchmark's I/O: the processes it starts in the lab and the counters it reads.
+
+Everything here runs traffic only inside the lab's namespaces: the queue-serving process (the
+bare loop or the daemon) in the hv namespace, senders and receivers in a VM or the inet
+namespace. Every process started here is recorded and stopped by ``Harness.close``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from interceptor import control
+from manager.lab import Lab
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFLECT_PORT = 9100  # the benchmark's own UDP reflector in inet (the lab's echo is a trio server)
+COUNT_PORT = 9101
+ONE_OFF_IPERF3_PORT = 5301  # a per-test iperf3 server with JSON output (the lab's run on 5201/5202)
+UDP_HEADER_BYTES = 28
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+VM = "vm1"
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be made; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class QueueCounters:
+    """One NFQUEUE queue's line of /proc/net/netfilter/nfnetlink_queue."""
+
+    queued: int  # id_sequence: packets handed to user space so far
+    dropped: int  # queue full
+    user_dropped: int  # netlink socket full
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+class Harness:
+    def __init__(self, lab: Lab, workdir: Path) -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        self._procs: list[subprocess.Popen] = []
+        self.vm = lab.vm(VM)
+        self.daemon_config = self._closed_config()
+        self.reflector: subprocess.Popen | None = None
+
+    def _closed_config(self) -> Path:
+        """The lab's host config with fail_mode = closed: an overloaded queue then drops (and the
+        drop is seen) instead of letting packets bypass the engine unmeasured."""
+        text = self.lab.config_path.read_text()
+        if 'fail_mode = "open"' not in text:
+            raise BenchError(f"{self.lab.config_path}: no 'fail_mode = \"open\"' line to switch to closed")
+        path = self.workdir / "bench.toml"
+        path.write_text(text.replace('fail_mode = "open"', 'fail_mode = "closed"'))
+        return path
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def popen(self, where: str, argv: list, **kw) -> subprocess.Popen:
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        proc = self.lab.popen(where, argv, cwd=REPO_ROOT, env=self.env, text=True, **kw)
+        self._procs.append(proc)
+        return proc
+
+    def python(self, where: str, module: str, *args) -> subprocess.Popen:
+        return self.popen(where, [sys.executable, "-m", module, *map(str, args)])
+
+    @staticmethod
+    def wait_ready(proc: subprocess.Popen, what: str, timeout_s: float = 10.0) -> None:
+        """Wait for the process's "ready" line."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([proc.stdout], [], [], 0.05)
+            if readable:
+                line = proc.stdout.readline()
+                if line.strip() == "ready":
+                    return
+                if not line and proc.poll() is not None:
+                    break
+            elif proc.poll() is not None:
+                break
+        err = proc.stderr.read() if proc.poll() is not None else ""
+        raise BenchError(f"{what} did not get ready within {timeout_s:.0f} s (exit {proc.poll()}): {err.strip()[-800:]}")
+
+    def finish(self, proc: subprocess.Popen, what: str, timeout_s: float) -> dict:
+        """The JSON object a tool printed when it ended."""
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.stop(proc)
+            raise BenchError(f"{what} did not finish within {timeout_s:.0f} s") from None
+        if proc.returncode != 0:
+            raise BenchError(f"{what} failed with {proc.returncode}: {err.strip()[-800:]}")
+        return json.loads(out)
+
+    def stop(self, proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout_s)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in list(self._procs):
+            self.stop(proc)
+
+    # -- the queue-serving processes ----------------------------------------------------------
+
+    def start_bare_loop(self) -> subprocess.Popen:
+        proc = self.python("hv", "bench.bare_loop", "--interface", self.vm.interface, "--queue-base", 7700)
+        self.wait_ready(proc, "the bare netfilterqueue loop")
+        return proc
+
+    def start_daemon(self) -> subprocess.Popen:
+        log = open(self.workdir / "interceptor.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "interceptor", "--config", str(self.daemon_config)],
+                                cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
+        log.close()
+        self._procs.append(proc)
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"the daemon exited with {proc.returncode}: {self.daemon_log()}")
+            try:
+                self.request("status")
+                return proc
+            except control.DaemonUnreachable:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the daemon did not answer within 15 s: {self.daemon_log()}") from None
+                time.sleep(0.05)
+
+    def stop_daemon(self, proc: subprocess.Popen) -> None:
+        self.stop(proc, timeout_s=10.0)
+        # Belt and braces: the daemon removes its rules on SIGTERM; if it was killed, do it here
+        # (inside the lab's hv namespace: the config's host_netns).
+        subprocess.run([sys.executable, "-m", "interceptor", "--config", str(self.daemon_config), "--cleanup"],
+                       cwd=REPO_ROOT, env=self.env, capture_output=True, timeout=30)
+
+    def daemon_log(self) -> str:
+        try:
+            return (self.workdir / "interceptor.log").read_text(errors="replace")[-2000:]
+        except FileNotFoundError:
+            return ""
+
+    def request(self, cmd: str, **args) -> dict:
+        return control.request(Path(self.workdir / "control.sock"), cmd, **args)
+
+    def revert(self) -> None:
+        """Back to no skin at all."""
+        self.request("revert", vm=VM)
+
+    def apply(self, skin: dict) -> None:
+        """Drop the skin into the lab's skins_dir and apply it to the VM."""
+        (self.workdir / "skins.d" / f"{skin['name']}.json").write_text(json.dumps(skin))
+        self.request("apply", vm=VM, skin=skin["name"])
+
+    def queue_counters(self) -> dict[int, QueueCounters]:
+        done = self.lab.exec("hv", ["cat", "/proc/net/netfilter/nfnetlink_queue"], timeout=10)
+        counters = {}
+        for line in done.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 8:
+                counters[int(fields[0])] = QueueCounters(int(fields[7]), int(fields[5]), int(fields[6]))
+        return counters
+
+    # -- traffic ------------------------------------------------------------------------------
+
+    def iperf3(self, argv: list, seconds: float, port: int | None = None, attempts: int = 3) -> dict:
+        """One iperf3 client run from the VM to the inet server (retried on a busy server)."""
+        ports = [port] if port else list(self.lab.iperf3_ports)
+        last = ""
+        for attempt in range(attempts):
+            p = ports[attempt % len(ports)]
+            full = ["iperf3", "--json", "-c", self.lab.inet_address, "-p", p, "--connect-timeout", 3000, *argv]
+            done = self.lab.exec(VM, full, timeout=seconds + 30)
+            try:
+                report = json.loads(done.stdout)
+            except json.JSONDecodeError:
+                last = done.stderr.strip() or done.stdout[-300:]
+                if attempt + 1 < attempts:
+                    time.sleep(0.5)
+                continue
+            if "error" in report:
+                last = report["error"]
+                if attempt + 1 < attempts:
+                    time.sleep(0.5)
+                continue
+            return report
+        raise BenchError(f"iperf3 {' '.join(map(str, argv))}: {last}")
+
+    def udp_flood(self, pps: float, seconds: float, payload_bytes: int = 64) -> dict:
+        """64-byte UDP at pps from the VM to inet; what was sent and what arrived."""
+        report = self.iperf3(["-u", "-l", payload_bytes, "-b", int(pps * payload_bytes * 8), "-t", seconds,
+                              "-w", "4M"], seconds)
+        sent, received = report["end"]["sum_sent"], report["end"]["sum_received"]
+        arrived = received["packets"] - received["lost_packets"]
+        # Late packets (still queued when the test ends) count as lost: a rate is only sustained
+        # if no backlog builds up.
+        return {
+            "offered_pps": pps,
+            "sent": sent["packets"],
+            "received": arrived,
+            "seconds": sent["seconds"],
+            "sent_pps": sent["packets"] / sent["seconds"],
+            "received_pps": arrived / sent["seconds"],
+            "loss": 1 - arrived / sent["packets"] if sent["packets"] else 1.0,
+        }
+
+    def tcp_goodput(self, seconds: float, omit_s: float, reverse: bool = False) -> dict:
+        """TCP goodput in bit/s as the receiving end saw it, over its whole report intervals.
+
+        iperf3's end-of-test sum for the receiver divides by the sender's duration and counts
+        bytes that were still queued behind a rate limit when the sender stopped, which reads
+        high. The receiver's own per-interval byte counts do not: the uplink test runs against a
+        one-off iperf3 server of ours that reports in JSON, the downlink (-R) test reads the
+        client's own intervals.
+        """
+        argv = ["-t", seconds, "-O", omit_s]
+        if reverse:
+            return _goodput(self.iperf3(argv + ["-R"], seconds + omit_s)["intervals"])
+        server = self.popen("inet", ["iperf3", "-s", "-1", "-J", "-p", ONE_OFF_IPERF3_PORT])
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    self.iperf3(argv, seconds + omit_s, port=ONE_OFF_IPERF3_PORT, attempts=1)
+                    break
+                except BenchError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise
+                    time.sleep(0.1)  # the server is not listening yet
+            report = self.finish(server, "the one-off iperf3 server", 15)
+        finally:
+            self.stop(server)
+        return _goodput(report["intervals"])
+
+    def start_reflector(self) -> None:
+        self.reflector = self.python("inet", "bench.udp_tool", "reflect", f"{self.lab.inet_address}:{REFLECT_PORT}")
+        self.wait_ready(self.reflector, "the UDP reflector")
+
+    def rtt(self, rate_pps: float, seconds: float, warmup_s: float = 0.3, grace_s: float = 0.5) -> list[float]:
+        """Per-probe RTTs in µs from the VM to the reflector (lost probes left out). The first
+        warmup_s of probes are sent but not counted (process start-up, cold caches)."""
+        proc = self.python(VM, "bench.udp_tool", "rtt", f"{self.lab.inet_address}:{REFLECT_PORT}",
+                           "--rate", rate_pps, "--seconds", seconds + warmup_s, "--grace", grace_s)
+        result = self.finish(proc, "the RTT prober", seconds + warmup_s + grace_s + 20)
+        return [v for v in result["rtt_us"][int(warmup_s * rate_pps):] if v is not None]
+
+    def one_way(self, direction: str, count: int, rate_pps: float, payload_bytes: int,
+                warmup_s: float = 0.0, idle_s: float = 1.0) -> dict:
+        """Send count datagrams one way (uplink: VM → inet; downlink: inet → VM) to a counter."""
+        if direction == "uplink":
+            sender_ns, receiver_ns, address = VM, "inet", self.lab.inet_address
+        else:
+            sender_ns, receiver_ns, address = "inet", VM, self.vm.address
+        expected_s = count / rate_pps
+        receiver = self.python(receiver_ns, "bench.udp_tool", "count", f"{address}:{COUNT_PORT}",
+                               "--idle", idle_s, "--timeout", expected_s + 30, "--warmup", warmup_s)
+        self.wait_ready(receiver, "the UDP counter")
+        sender = self.python(sender_ns, "bench.udp_tool", "send", f"{address}:{COUNT_PORT}",
+                             "--count", count, "--rate", rate_pps, "--size", payload_bytes)
+        sent = self.finish(sender, "the UDP sender", expected_s + 30)
+        got = self.finish(receiver, "the UDP counter", idle_s + 35)
+        return {**got, "sent": sent["sent"], "send_errors": sent["send_errors"], "send_seconds": sent["seconds"]}
+
+
+def _goodput(intervals: list[dict]) -> dict:
+    """Bytes over seconds of the receiver's intervals, leaving out the omitted ones (slow start)
+    and the last one (it may be partial, or hold the drain of the queue after the sender ends)."""
+    counted = [i["sum"] for i in intervals if not i["sum"].get("omitted")][:-1]
+    if not counted:
+        raise BenchError("iperf3 reported no interval to measure goodput over")
+    seconds = sum(i["seconds"] for i in counted)
+    received = sum(i["bytes"] for i in counted)
+    return {"bits_per_second": 8 * received / seconds, "seconds": seconds, "bytes": received}
