@@ -114,6 +114,7 @@ def test_fail_closed_traffic_stops_after_sigkill(lab):
 
 
 TCP_ECHO = """
+import socket
 s = socket.create_connection(("{addr}", {port}), timeout=5)
 data = bytes(range(256)) * 64
 s.sendall(data)
