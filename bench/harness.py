@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REFLECT_PORT = 9100  # the benchmark's own UDP reflector in inet (the lab's echo is a trio server)
 COUNT_PORT = 9101
 ONE_OFF_IPERF3_PORT = 5301  # a per-test iperf3 server with JSON output (the lab's run on 5201/5202)
-UDP_HEADER_BYTES = 28
+BACKLOG_SAMPLE_S = 0.05
+IPERF3_GRACE_S = 10.0  # how long past its -t an iperf3 client may take before it counts as hung
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 VM = "vm1"
 
@@ -40,6 +42,7 @@ class QueueCounters:
     queued: int  # id_sequence: packets handed to user space so far
     dropped: int  # queue full
     user_dropped: int  # netlink socket full
+    backlog: int  # queue_total: handed over (or waiting to be) and not verdicted yet
 
 
 def cpu_seconds(pid: int) -> float:
@@ -58,6 +61,7 @@ class Harness:
         self.vm = lab.vm(VM)
         self.daemon_config = self._closed_config()
         self.reflector: subprocess.Popen | None = None
+        self.hv_pid: int | None = None  # the queue-serving process in the hv namespace, if any
 
     def _closed_config(self) -> Path:
         """The lab's host config with fail_mode = closed: an overloaded queue then drops (and the
@@ -111,6 +115,8 @@ class Harness:
         return json.loads(out)
 
     def stop(self, proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
+        if proc.pid == self.hv_pid:
+            self.hv_pid = None
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -133,6 +139,7 @@ class Harness:
     def start_bare_loop(self) -> subprocess.Popen:
         proc = self.python("hv", "bench.bare_loop", "--interface", self.vm.interface, "--queue-base", 7700)
         self.wait_ready(proc, "the bare netfilterqueue loop")
+        self.hv_pid = proc.pid
         return proc
 
     def start_daemon(self) -> subprocess.Popen:
@@ -148,6 +155,7 @@ class Harness:
                 raise BenchError(f"the daemon exited with {proc.returncode}: {self.daemon_log()}")
             try:
                 self.request("status")
+                self.hv_pid = proc.pid
                 return proc
             except control.DaemonUnreachable:
                 if time.monotonic() > deadline:
@@ -174,18 +182,34 @@ class Harness:
         """Back to no skin at all."""
         self.request("revert", vm=VM)
 
+    def add_skins(self, skins: list[dict]) -> None:
+        """Drop skins into the lab's skins_dir. Done before the daemon starts: a changed skins_dir
+        makes the daemon rescan its library, a pause that would land in a measurement."""
+        for skin in skins:
+            path = self.workdir / "skins.d" / f"{skin['name']}.json"
+            text = json.dumps(skin)
+            if not path.exists() or path.read_text() != text:
+                path.write_text(text)
+
     def apply(self, skin: dict) -> None:
-        """Drop the skin into the lab's skins_dir and apply it to the VM."""
-        (self.workdir / "skins.d" / f"{skin['name']}.json").write_text(json.dumps(skin))
+        """Apply the skin to the VM (dropping it into skins_dir first if it is not there)."""
+        self.add_skins([skin])
         self.request("apply", vm=VM, skin=skin["name"])
 
     def queue_counters(self) -> dict[int, QueueCounters]:
-        done = self.lab.exec("hv", ["cat", "/proc/net/netfilter/nfnetlink_queue"], timeout=10)
+        """The hv namespace's NFQUEUE queues, read through the queue process's own /proc view
+        (no process to fork, so sampling it often costs nothing measurable)."""
+        if not self.hv_pid:
+            return {}
+        try:
+            text = Path(f"/proc/{self.hv_pid}/net/netfilter/nfnetlink_queue").read_text()
+        except FileNotFoundError:
+            return {}
         counters = {}
-        for line in done.stdout.splitlines():
+        for line in text.splitlines():
             fields = line.split()
             if len(fields) >= 8:
-                counters[int(fields[0])] = QueueCounters(int(fields[7]), int(fields[5]), int(fields[6]))
+                counters[int(fields[0])] = QueueCounters(int(fields[7]), int(fields[5]), int(fields[6]), int(fields[2]))
         return counters
 
     # -- traffic ------------------------------------------------------------------------------
@@ -197,11 +221,20 @@ class Harness:
         for attempt in range(attempts):
             p = ports[attempt % len(ports)]
             full = ["iperf3", "--json", "-c", self.lab.inet_address, "-p", p, "--connect-timeout", 3000, *argv]
-            done = self.lab.exec(VM, full, timeout=seconds + 30)
+            proc = self.popen(VM, full)
             try:
-                report = json.loads(done.stdout)
+                stdout, stderr = proc.communicate(timeout=seconds + IPERF3_GRACE_S)
+            except subprocess.TimeoutExpired:
+                # iperf3 3.12 never resends the datagram that opens a UDP test: under a lossy
+                # skin that hangs a run now and then. Stop it and try again (on the other port).
+                self.stop(proc)
+                last = f"no result after {seconds + IPERF3_GRACE_S:.0f} s"
+                continue
+            self.stop(proc)
+            try:
+                report = json.loads(stdout)
             except json.JSONDecodeError:
-                last = done.stderr.strip() or done.stdout[-300:]
+                last = stderr.strip() or stdout[-300:]
                 if attempt + 1 < attempts:
                     time.sleep(0.5)
                 continue
@@ -213,42 +246,72 @@ class Harness:
             return report
         raise BenchError(f"iperf3 {' '.join(map(str, argv))}: {last}")
 
+    def queue_backlog(self) -> int:
+        """Packets queued to user space and not yet verdicted, over all queues (held ones too)."""
+        return sum(c.backlog for c in self.queue_counters().values())
+
     def udp_flood(self, pps: float, seconds: float, payload_bytes: int = 64) -> dict:
-        """64-byte UDP at pps from the VM to inet; what was sent and what arrived."""
-        report = self.iperf3(["-u", "-l", payload_bytes, "-b", int(pps * payload_bytes * 8), "-t", seconds,
-                              "-w", "4M"], seconds)
+        """64-byte UDP at pps from the VM to inet: what was sent, what arrived, what was late.
+
+        A queue process slightly slower than the offered rate loses nothing in a short run: the
+        excess waits in the kernel queue (up to 16384 packets) and drains before iperf3's end
+        message, which queues behind it. So the queue's backlog is sampled while iperf3 sends;
+        the median over the second half of the run counts as lost, since at that rate those
+        packets would be (a process that keeps up shows a few pacing bursts' worth, tens).
+        """
+        samples: list[tuple[float, int]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            start = time.monotonic()
+            while not done.wait(BACKLOG_SAMPLE_S):
+                samples.append((time.monotonic() - start, self.queue_backlog()))
+
+        sampler = threading.Thread(target=sample, daemon=True) if self.hv_pid else None
+        if sampler:
+            sampler.start()
+        try:
+            report = self.iperf3(["-u", "-l", payload_bytes, "-b", int(pps * payload_bytes * 8), "-t", seconds,
+                                  "-w", "4M"], seconds)
+        finally:
+            done.set()
+            if sampler:
+                sampler.join()
+        late_samples = [b for t, b in samples if seconds / 2 <= t <= 0.95 * seconds]
+        backlog = sorted(late_samples)[len(late_samples) // 2] if late_samples else 0
         sent, received = report["end"]["sum_sent"], report["end"]["sum_received"]
         arrived = received["packets"] - received["lost_packets"]
-        # Late packets (still queued when the test ends) count as lost: a rate is only sustained
-        # if no backlog builds up.
         return {
             "offered_pps": pps,
             "sent": sent["packets"],
             "received": arrived,
+            "backlog": backlog,
+            "backlog_max": max((b for _, b in samples), default=0),
             "seconds": sent["seconds"],
             "sent_pps": sent["packets"] / sent["seconds"],
             "received_pps": arrived / sent["seconds"],
-            "loss": 1 - arrived / sent["packets"] if sent["packets"] else 1.0,
+            "loss": (sent["packets"] - arrived + backlog) / sent["packets"] if sent["packets"] else 1.0,
         }
 
-    def tcp_goodput(self, seconds: float, omit_s: float, reverse: bool = False) -> dict:
-        """TCP goodput in bit/s as the receiving end saw it, over its whole report intervals.
+    def tcp_goodput(self, seconds: float, skip_s: float, reverse: bool = False) -> dict:
+        """TCP goodput in bit/s as the receiving end saw it, over ``seconds`` after ``skip_s``.
 
         iperf3's end-of-test sum for the receiver divides by the sender's duration and counts
         bytes that were still queued behind a rate limit when the sender stopped, which reads
-        high. The receiver's own per-interval byte counts do not: the uplink test runs against a
-        one-off iperf3 server of ours that reports in JSON, the downlink (-R) test reads the
-        client's own intervals.
+        high; and an iperf3 server's -O omits on its own clock, which leaves part of slow start
+        in. So the run is ``skip_s + seconds`` long with no -O, and the receiver's own
+        per-interval byte counts are summed here: the uplink test runs against a one-off iperf3
+        server of ours that reports in JSON, the downlink (-R) test reads the client's intervals.
         """
-        argv = ["-t", seconds, "-O", omit_s]
+        argv = ["-t", skip_s + seconds]
         if reverse:
-            return _goodput(self.iperf3(argv + ["-R"], seconds + omit_s)["intervals"])
+            return _goodput(self.iperf3(argv + ["-R"], skip_s + seconds)["intervals"], skip_s)
         server = self.popen("inet", ["iperf3", "-s", "-1", "-J", "-p", ONE_OFF_IPERF3_PORT])
         try:
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    self.iperf3(argv, seconds + omit_s, port=ONE_OFF_IPERF3_PORT, attempts=1)
+                    self.iperf3(argv, skip_s + seconds, port=ONE_OFF_IPERF3_PORT, attempts=1)
                     break
                 except BenchError:
                     if time.monotonic() > deadline or server.poll() is not None:
@@ -257,11 +320,21 @@ class Harness:
             report = self.finish(server, "the one-off iperf3 server", 15)
         finally:
             self.stop(server)
-        return _goodput(report["intervals"])
+        return _goodput(report["intervals"], skip_s)
 
     def start_reflector(self) -> None:
         self.reflector = self.python("inet", "bench.udp_tool", "reflect", f"{self.lab.inet_address}:{REFLECT_PORT}")
         self.wait_ready(self.reflector, "the UDP reflector")
+
+    def start_timer_probe(self, seconds: float) -> subprocess.Popen:
+        proc = self.python("hv", "bench.timer_probe", "--seconds", seconds)
+        self.wait_ready(proc, "the timer probe")
+        return proc
+
+    def stop_timer_probe(self, proc: subprocess.Popen) -> dict:
+        """End the probe now (it reports what it saw so far) or collect it if it ended."""
+        proc.send_signal(signal.SIGTERM)
+        return self.finish(proc, "the timer probe", 10)
 
     def rtt(self, rate_pps: float, seconds: float, warmup_s: float = 0.3, grace_s: float = 0.5) -> list[float]:
         """Per-probe RTTs in µs from the VM to the reflector (lost probes left out). The first
@@ -289,12 +362,19 @@ class Harness:
         return {**got, "sent": sent["sent"], "send_errors": sent["send_errors"], "send_seconds": sent["seconds"]}
 
 
-def _goodput(intervals: list[dict]) -> dict:
-    """Bytes over seconds of the receiver's intervals, leaving out the omitted ones (slow start)
-    and the last one (it may be partial, or hold the drain of the queue after the sender ends)."""
-    counted = [i["sum"] for i in intervals if not i["sum"].get("omitted")][:-1]
+def _goodput(intervals: list[dict], skip_s: float) -> dict:
+    """Bytes over seconds of the receiver's intervals after the first skip_s (slow start and the
+    recovery from the drops that end it), leaving out the last one (it may be partial, or hold
+    the drain of the queue after the sender ends)."""
+    counted, elapsed = [], 0.0
+    for interval in intervals[:-1]:
+        summary = interval["sum"]
+        if elapsed >= skip_s - 0.01:
+            counted.append(summary)
+        elapsed += summary["seconds"]
     if not counted:
         raise BenchError("iperf3 reported no interval to measure goodput over")
     seconds = sum(i["seconds"] for i in counted)
     received = sum(i["bytes"] for i in counted)
-    return {"bits_per_second": 8 * received / seconds, "seconds": seconds, "bytes": received}
+    return {"bits_per_second": 8 * received / seconds, "seconds": seconds, "bytes": received,
+            "interval_bits_per_second": [8 * i["bytes"] / i["seconds"] for i in counted if i["seconds"] > 0]}

@@ -106,7 +106,8 @@ def rtt(target: str, rate_pps: float, seconds: float, size: int, grace_s: float)
                 seq, sent_ns = HEADER.unpack_from(data)
                 if seq < count and rtt_ns[seq] is None:
                     rtt_ns[seq] = _received_ns(ancdata) - sent_ns
-    return {"sent": count, "rtt_us": [None if v is None else v / 1000 for v in rtt_ns]}
+    return {"sent": count, "start_monotonic_ns": start, "interval_ns": interval_ns,
+            "rtt_us": [None if v is None else v / 1000 for v in rtt_ns]}
 
 
 def send(target: str, count: int, rate_pps: float, size: int) -> dict:
