@@ -110,11 +110,3 @@ def remove() -> bool:
         _run([restore, "-w", "--noflush"], "\n".join(lines + ["COMMIT"]) + "\n")
     return found
 
-
-def installed_rules() -> list[str]:
-    """Our rules as the kernel reports them (for status and tests)."""
-    out = []
-    for save, _ in _families():
-        text = _run([save, "-t", "filter"])
-        out += [line for line in text.splitlines() if CHAIN in line and line.startswith("-A")]
-    return out

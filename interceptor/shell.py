@@ -79,7 +79,6 @@ class Shell:
         self._seq = itertools.count()
         self._timer = TimerFd()
         self._random = random.Random(seed).random
-        self.release_late_ns: list[int] = []  # sampled lateness for diagnostics (bounded)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -170,7 +169,6 @@ class Shell:
         pop = heapq.heappop
         push = heapq.heappush
         timer = self._timer
-        late = self.release_late_ns
         link = self.link
         while True:
             await timer.wait()
@@ -182,8 +180,6 @@ class Shell:
                     if stage == _DEPART:
                         packet.accept()
                         pipe.released(size)
-                        if len(late) < 100_000:
-                            late.append(now - due)
                     else:
                         self._to_link(packet, pipe, size, path, due)
                 if link is None:

@@ -9,7 +9,6 @@ clock, its one-way delay is exact: send time in the payload, arrival time from t
 
 from __future__ import annotations
 
-import math
 import select
 import socket
 import struct
@@ -134,27 +133,3 @@ def send(lab: Lab, src: str, dst: str, *, count: int, rate_pps: float, payload_b
 
 
 # --- statistics ------------------------------------------------------------------------------
-
-
-def binomial_interval(n: int, p: float, confidence: float = 0.999) -> tuple[int, int]:
-    """The central interval [lo, hi] holding a Binomial(n, p) count with at least ``confidence``.
-
-    Exact (summed pmf in log space), so it is right for small p too.
-    """
-    tail = (1 - confidence) / 2
-    if p <= 0:
-        return 0, 0
-    if p >= 1:
-        return n, n
-    log_p, log_q = math.log(p), math.log1p(-p)
-    pmf = [math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p + (n - k) * log_q)
-           for k in range(n + 1)]
-    lo, below = 0, 0.0
-    while below + pmf[lo] <= tail:
-        below += pmf[lo]
-        lo += 1
-    hi, above = n, 0.0
-    while above + pmf[hi] <= tail:
-        above += pmf[hi]
-        hi -= 1
-    return lo, hi

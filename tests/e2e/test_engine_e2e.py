@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from bench.stats import binomial_interval
+
 from interceptor.schema import load_host_config
 from manager import measure
 from tests.e2e import oneway
@@ -122,7 +124,7 @@ def test_one_way_loss_matches_the_asked_probability_in_its_direction_only(lab, d
     after = daemon.status("vm1")["vm1"]
 
     measured = {"uplink": up, "downlink": down}
-    lo, hi = oneway.binomial_interval(LOSS_PACKETS, 0.8, CONFIDENCE)
+    lo, hi = binomial_interval(LOSS_PACKETS, 0.8, CONFIDENCE)
     lossless = "downlink" if lossy == "uplink" else "uplink"
     counted = after[lossy]["drops"]["loss"] - before[lossy]["drops"]["loss"]
     judged = after[lossy]["packets"] - before[lossy]["packets"]
@@ -207,7 +209,7 @@ def test_jitter_spreads_rtt_but_keeps_order_unless_reordering_is_asked(lab, daem
     burst = oneway.send(lab, "vm1", "inet", count=600, rate_pps=1000)
     # Reordered packets skip the delay line; every in-order one waits about 20 ms.
     ahead = sum(1 for d in burst.delays_ms.values() if d < 5)
-    lo, hi = oneway.binomial_interval(burst.received, 0.25, CONFIDENCE)
+    lo, hi = binomial_interval(burst.received, 0.25, CONFIDENCE)
     print(f"reorder 25%: received {burst.received}, reordered {burst.reordered}, "
           f"sent ahead {ahead} (99.9% interval {lo}-{hi})")
     assert burst.reordered > 0
