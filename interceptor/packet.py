@@ -111,3 +111,19 @@ def _transport(
                 return Header(version, MALFORMED, src, dst, total, off, 0, 0, 0, df, first)
             sport, dport = data[off], data[off + 1]
     return Header(version, proto, src, dst, total, off, sport, dport, flags, df, first)
+
+
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071 checksum: the ones' complement of the ones' complement sum of 16-bit words.
+
+    ``int.from_bytes(...) % 0xFFFF`` is that sum because 2**16 ≡ 1 (mod 0xFFFF); it only
+    cannot tell +0 from -0: non-zero data summing to a multiple of 0xFFFF is -0 (0xFFFF) in
+    ones' complement arithmetic, all-zero data is +0.
+    """
+    value = int.from_bytes(data, "big")
+    if len(data) & 1:
+        value <<= 8  # pad with a zero byte
+    total = value % 0xFFFF
+    if total == 0 and value:
+        total = 0xFFFF
+    return ~total & 0xFFFF
