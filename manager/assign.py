@@ -58,10 +58,12 @@ def apply(config: HostConfig, vm: str, skin: str, timeout: float = VERIFY_TIMEOU
     reply = control.request(_socket(config), "apply", vm=vm, skin=skin)["vms"][vm]
     found, current = _verified(config, vm, skin, reply["generation"], timeout)
     if found:
-        rolled = control.request(_socket(config), "rollback", vm=vm)["vms"][vm]
+        # Back to what the VM had: the shadow, or no skin at all if this was its first.
+        undo = "rollback" if reply["shadow"] is not None else "revert"
+        rolled = control.request(_socket(config), undo, vm=vm)["vms"][vm]
         raise VerifyFailed(
             f"applied {skin!r} to {vm} but could not verify it ({'; '.join(found)}); "
-            f"rolled back to {rolled['active']!r}",
+            f"rolled back to {repr(rolled['active']) if rolled['active'] else 'no skin'}",
             rolled,
         )
     return current

@@ -351,8 +351,20 @@ def status_cmd(vm: Annotated[Optional[str], typer.Argument(help="One VM (default
             head = (name, st["active"] or "-", str(st["generation"]), st["shadow"] or "-") if i == 0 else ("",) * 4
             table.add_row(*head, direction, str(c["packets"]), str(c["passed_packets"]), drops, str(c["held_packets"]))
     console.print(table)
-    for name, st in reply["vms"].items():
-        if st.get("reload_error"):  # full text, never cut to the table's width
+    for name, st in reply["vms"].items():  # full text below the table, never cut to its width
+        original = st.get("original") or {}
+        if original:
+            typer.echo(f"{name}: original: address {original.get('address')}, MAC {original.get('mac')}, "
+                       f"MTU {original.get('mtu')}, DNS {', '.join(original.get('resolvers') or []) or '-'}")
+        firewall = st.get("firewall") or {}
+        if firewall.get("profile"):
+            hits = "; ".join(f"{rule['rule']}: {rule['hits']}" for rule in firewall.get("rules", []))
+            typer.echo(f"{name}: firewall {firewall['profile']}: {hits or 'no rules'}")
+        if st.get("dns"):
+            typer.echo(f"{name}: DNS answers: " + ", ".join(f"{k} {v}" for k, v in sorted(st["dns"].items())))
+        for problem in st.get("verify_problems") or []:
+            typer.echo(f"{name}: problem: {problem}")
+        if st.get("reload_error"):
             typer.echo(f"{name}: reload error: {st['reload_error']}")
 
 
@@ -444,6 +456,23 @@ def demo_cmd(skin: Annotated[str, typer.Option(help="The skin to apply.")] = "co
     result = run_demo(skin, prefix, console=None if as_json else console)
     if as_json:
         print_json(result)
+
+
+@app.command("serve")
+def serve_cmd(host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+              port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8640,
+              token_file: Annotated[Optional[Path], typer.Option(
+                  metavar="FILE", help="Bearer token clients must send (else $NETSKIN_API_TOKEN); "
+                                       "required off loopback.")] = None,
+              verify_timeout: Annotated[float, typer.Option(
+                  min=0, help="Seconds an apply waits for verification.")] = 5.0,
+              config: ConfigOption = None) -> None:
+    """The REST API (JSON; OpenAPI at /openapi.json, Prometheus at /metrics)."""
+    from manager import api
+
+    token = api.load_token(token_file)
+    api.check_listen(host, token)  # before anything else: refuse early, with the reason
+    api.serve(load_config(config), host, port, token, verify_timeout)
 
 
 if __name__ == "__main__":

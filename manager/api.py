@@ -1,0 +1,652 @@
+"""The REST API of `netskin serve`: the CLI's operations over HTTP, as JSON.
+
+A Starlette app on Hypercorn's trio worker. Every endpoint calls the same functions the CLI
+calls (``manager.library`` for skins, ``manager.assign`` for VMs), in a worker thread because
+they block (the control socket, verification polls). Errors are ``{"error": "<one line>"}`` with
+the CLI's message; the status code says which kind: 400 invalid document, 404 unknown skin, VM
+or persona, 409 conflict, 422 applied but not verified (rolled back), 503 daemon unreachable.
+
+Personas are the first seed format's name for skins: the same files and the same library, read
+and written with ``id`` for the name and the persona field names.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import signal
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from interceptor import control
+from interceptor.assignments import AssignmentStore
+from interceptor.library import Entry
+from interceptor.schema import _NAME_RE, HostConfig, Skin, SkinError, UserError, validate_skin
+from manager import assign, metrics
+from manager.library import LibraryError, SkinLibrary
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8640
+TOKEN_ENV = "NETSKIN_API_TOKEN"
+MAX_BODY_BYTES = 1 << 20  # a skin is a few hundred bytes; this only stops abuse
+
+# A request body stands in for the FILE of `netskin skins create FILE`; messages that name the
+# temporary file it was written to name it like the CLI's usage line instead.
+BODY_AS_FILE = "FILE"
+
+
+class ApiError(Exception):
+    """Ends a request with ``status`` and ``{"error": message, **extra}``."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+def _user_error(status: int, error: UserError, **extra: Any) -> ApiError:
+    lines = error.lines
+    if len(lines) > 1:
+        extra["errors"] = lines
+    return ApiError(status, "; ".join(lines), **extra)
+
+
+# --- listening: loopback, or a token ----------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name could resolve anywhere
+
+
+def load_token(token_file: Path | None) -> str | None:
+    """The bearer token: from ``token_file``, else $NETSKIN_API_TOKEN, else None."""
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV, "").strip() or None
+    try:
+        token = token_file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise UserError(f"{token_file}: no such file; give --token-file the path of a file holding the token") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{token_file}: cannot read the token: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise UserError(f"{token_file}: the token file is empty; put a long random token in it")
+    return token
+
+
+def check_listen(host: str, token: str | None) -> None:
+    """Refuse to expose the API beyond this host without a token."""
+    if token is None and not is_loopback(host):
+        raise UserError(
+            f"refusing to listen on {host} without a token: anyone who can reach it could change "
+            f"the VMs' skins; give --token-file FILE or set ${TOKEN_ENV}, or listen on {DEFAULT_HOST}"
+        )
+
+
+class BearerToken:
+    """ASGI middleware: every request must carry ``Authorization: Bearer <token>``."""
+
+    def __init__(self, app: Callable, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and not self._authorized(scope):
+            response = JSONResponse(
+                {"error": "missing or wrong bearer token; send 'Authorization: Bearer <token>'"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="netskin"'},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: dict) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+        return False
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+class Api:
+    """The endpoints, over one host configuration."""
+
+    def __init__(self, config: HostConfig, verify_timeout: float = assign.VERIFY_TIMEOUT_S) -> None:
+        self.config = config
+        self.library = SkinLibrary(config.skins_dir)
+        self.store = AssignmentStore(Path(config.state_dir))
+        self.verify_timeout = verify_timeout
+
+    # -- skins ----------------------------------------------------------------------------------
+
+    async def list_skins(self, request: Request) -> Response:
+        entries = await run_in_threadpool(self.library.entries)
+        return JSONResponse([entry_data(entry) for entry in entries])
+
+    async def create_skin(self, request: Request) -> Response:
+        document = await _document(request)
+        entry = await run_in_threadpool(self._create, document)
+        return JSONResponse(entry_data(entry), status_code=201)
+
+    async def show_skin(self, request: Request) -> Response:
+        entry = await run_in_threadpool(self._valid_entry, request.path_params["name"])
+        return JSONResponse(entry_data(entry) | {"effective": effective(entry)})
+
+    async def update_skin(self, request: Request) -> Response:
+        document = await _document(request)
+        entry = await run_in_threadpool(self._update, request.path_params["name"], document)
+        return JSONResponse(entry_data(entry))
+
+    async def delete_skin(self, request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(self._delete, request.path_params["name"]))
+
+    def _create(self, document: dict) -> Entry:
+        try:
+            skin = validate_skin(document)  # the body has no file stem to name it
+        except SkinError as error:
+            raise _user_error(400, error) from None
+        with _as_file(document, skin.name) as source:
+            try:
+                return self.library.create(source)
+            except LibraryError as error:
+                taken = any(entry.name == skin.name for entry in self.library.entries())
+                raise _user_error(409 if taken else 500, _renamed(error, source)) from None
+
+    def _update(self, name: str, document: dict) -> Entry:
+        self._entry(name)  # 404 before 400: the URL names a skin that must exist
+        try:
+            skin = validate_skin(document, default_name=name)
+        except SkinError as error:
+            raise _user_error(400, error) from None
+        with _as_file(document, name) as source:
+            try:
+                return self.library.update(name, source)
+            except LibraryError as error:  # the body names another skin, or skins_dir is not writable
+                raise _user_error(400 if skin.name != name else 500, _renamed(error, source)) from None
+
+    def _delete(self, name: str) -> dict:
+        entry = self._entry(name)
+        # The same check as `netskin skins delete`: a worn skin stays.
+        for vm in self.config.vms:
+            assignment = self.store.load(vm)
+            if assignment and assignment.active and assignment.active.name == name:
+                raise ApiError(409, f"skin {name!r} is active on VM {vm!r}; apply another skin to it or "
+                                    f"`netskin revert {vm}` first", vm=vm)
+        try:
+            entry = self.library.delete(name)
+        except LibraryError as error:  # a preset, or skins_dir is not writable
+            raise _user_error(409 if entry.origin == "preset" else 500, error) from None
+        uncovered = any(e.name == name and e.origin == "preset" for e in self.library.entries())
+        return {"deleted": entry.name, "path": str(entry.path), "preset_visible": uncovered}
+
+    def _entry(self, name: str) -> Entry:
+        try:
+            return self.library.entry(name)
+        except LibraryError as error:
+            raise _user_error(404, error) from None
+
+    def _valid_entry(self, name: str) -> Entry:
+        entry = self._entry(name)
+        if entry.skin is None:
+            raise _user_error(400, SkinError(list(entry.errors)))
+        return entry
+
+    # -- VMs ------------------------------------------------------------------------------------
+
+    async def list_vms(self, request: Request) -> Response:
+        return JSONResponse(await self._daemon(assign.status, self.config))
+
+    async def show_vm(self, request: Request) -> Response:
+        vm = request.path_params["vm_id"]
+        reply = await self._daemon(assign.status, self.config, vm, vm=vm)
+        return JSONResponse(reply["vms"][vm])
+
+    async def apply(self, request: Request) -> Response:
+        vm, name = request.path_params["vm_id"], request.path_params["name"]
+        return JSONResponse(await self._apply(vm, name))
+
+    async def rollback(self, request: Request) -> Response:
+        vm = request.path_params["vm_id"]
+        return JSONResponse(await self._daemon(assign.rollback, self.config, vm, vm=vm))
+
+    async def revert(self, request: Request) -> Response:
+        vm = request.path_params["vm_id"]
+        return JSONResponse(await self._daemon(assign.revert, self.config, vm, vm=vm))
+
+    async def _apply(self, vm: str, name: str) -> dict:
+        try:
+            return await self._daemon(assign.apply, self.config, vm, name, self.verify_timeout,
+                                      vm=vm, skin=name)
+        except assign.VerifyFailed as exc:
+            raise ApiError(422, str(exc), vm=exc.status) from None
+
+    async def _daemon(self, fn: Callable, *args: Any, vm: str | None = None, skin: str | None = None) -> Any:
+        """Run a daemon request; map its refusals to status codes (the CLI maps them to exit codes)."""
+        try:
+            return await run_in_threadpool(fn, *args)
+        except control.DaemonUnreachable as exc:
+            raise ApiError(503, str(exc)) from None
+        except control.ControlError as exc:
+            raise ApiError(await run_in_threadpool(self._refusal_status, exc, vm, skin), str(exc)) from None
+
+    def _refusal_status(self, exc: control.ControlError, vm: str | None, skin: str | None) -> int:
+        if exc.code == 3:
+            return 422
+        if exc.code != 1:
+            return 503  # the daemon failed; the CLI's exit code 2
+        if vm is not None and vm not in self.config.vms:
+            return 404
+        if skin is not None:
+            entries = {entry.name: entry for entry in self.library.entries()}
+            if skin not in entries:
+                return 404
+            if entries[skin].skin is None:
+                return 400
+        return 409  # a known VM and skin, refused for the VM's state (no shadow, say)
+
+    # -- personas -------------------------------------------------------------------------------
+
+    async def create_persona(self, request: Request) -> Response:
+        document = _from_persona(await _document(request))
+        entry = await run_in_threadpool(self._create, document)
+        return JSONResponse(persona_data(entry.skin, entry.document), status_code=201)
+
+    async def update_persona(self, request: Request) -> Response:
+        persona_id = request.path_params["id"]
+        document = _from_persona(await _document(request))
+        entry = await run_in_threadpool(self._update, persona_id, document)
+        return JSONResponse(persona_data(entry.skin, entry.document))
+
+    async def get_persona(self, request: Request) -> Response:
+        entry = await run_in_threadpool(self._valid_entry, request.path_params["id"])
+        return JSONResponse(persona_data(entry.skin, entry.document))
+
+    async def apply_persona(self, request: Request) -> Response:
+        vm, persona_id = request.path_params["vm_id"], request.path_params["persona_id"]
+        return JSONResponse(await self._apply(vm, persona_id))
+
+    async def vm_persona(self, request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(self._active_persona, request.path_params["vm_id"]))
+
+    def _active_persona(self, vm: str) -> dict:
+        """The VM's active skin as persona, from the copy the daemon enforces (not the library's file)."""
+        try:
+            self.config.vm_queues(vm)  # its message names the configured VMs
+        except UserError as error:
+            raise _user_error(404, error) from None
+        assignment = self.store.load(vm)
+        if assignment is None or assignment.active is None:
+            raise ApiError(404, f"VM {vm!r} wears no skin; apply one with POST /vms/{vm}/persona/ID")
+        copy = assignment.active
+        return persona_data(validate_skin(copy.document, default_name=copy.name), copy.document)
+
+    # -- metrics and the document ---------------------------------------------------------------
+
+    async def metrics(self, request: Request) -> Response:
+        try:
+            reply = await run_in_threadpool(assign.status, self.config)
+        except (control.DaemonUnreachable, control.ControlError):
+            reply = None  # a successful scrape that says netskin_daemon_up 0
+        return Response(metrics.render(reply), media_type=metrics.CONTENT_TYPE_LATEST)
+
+
+def create_app(config: HostConfig, token: str | None = None,
+               verify_timeout: float = assign.VERIFY_TIMEOUT_S) -> Callable:
+    api = Api(config, verify_timeout)
+    document = openapi_document(bearer=token is not None)
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    routes = [
+        _route("/skins", GET=api.list_skins, POST=api.create_skin),
+        _route("/skins/{name}", GET=api.show_skin, PUT=api.update_skin, DELETE=api.delete_skin),
+        _route("/vms", GET=api.list_vms),
+        _route("/vms/{vm_id}", GET=api.show_vm),
+        _route("/vms/{vm_id}/skins/{name}", POST=api.apply),
+        _route("/vms/{vm_id}/rollback", POST=api.rollback),
+        _route("/vms/{vm_id}/revert", POST=api.revert),
+        _route("/vms/{vm_id}/persona", GET=api.vm_persona),
+        _route("/vms/{vm_id}/persona/{persona_id}", POST=api.apply_persona),
+        _route("/personas/create", POST=api.create_persona),
+        _route("/personas/update/{id}", PUT=api.update_persona),
+        _route("/personas/get/{id}", GET=api.get_persona),
+        _route("/metrics", GET=api.metrics),
+        _route("/openapi.json", GET=openapi),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        max_body_size=MAX_BODY_BYTES,
+    )
+    return BearerToken(app, token) if token is not None else app
+
+
+def _route(path: str, **handlers: Callable) -> Route:
+    """One route per path, so a wrong method gets 405 with every allowed method in Allow."""
+    handlers.setdefault("HEAD", handlers.get("GET"))
+
+    async def endpoint(request: Request) -> Response:
+        return await handlers[request.method](request)
+
+    return Route(path, endpoint, methods=[m for m, h in handlers.items() if h is not None])
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"no endpoint {request.url.path}; GET /openapi.json lists them"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+    else:
+        message = exc.detail
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+# --- request bodies and response shapes --------------------------------------------------------
+
+
+async def _document(request: Request) -> dict:
+    """The request body: one JSON object of skin fields."""
+    body = await request.body()
+    try:
+        document = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"request body: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # undecodable bytes, huge integers, deep nesting
+        raise ApiError(400, f"request body: not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ApiError(400, f"request body: expected a JSON object of skin fields, got {type(document).__name__}")
+    return document
+
+
+class _as_file:
+    """The body written as ``NAME.json`` in a private temporary directory, for the library's file API."""
+
+    def __init__(self, document: dict, name: str) -> None:
+        self.document, self.name = document, name
+
+    def __enter__(self) -> Path:
+        self._dir = tempfile.TemporaryDirectory(prefix="netskin-api-")
+        path = Path(self._dir.name) / f"{self.name}.json"
+        path.write_text(json.dumps(self.document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    def __exit__(self, *exc: object) -> None:
+        self._dir.cleanup()
+
+
+def _renamed(error: UserError, source: Path) -> UserError:
+    return type(error)([line.replace(str(source), BODY_AS_FILE) for line in error.lines])
+
+
+def entry_data(entry: Entry) -> dict[str, Any]:
+    """One library entry, as `netskin skins list --json` prints it."""
+    from manager.cli import _entry_data  # one shape for the CLI and the API
+
+    return _entry_data(entry)
+
+
+def effective(entry: Entry) -> dict[str, Any]:
+    """The effective one-way conditions per direction, as `netskin skins show --json` prints them."""
+    from manager.cli import _effective
+
+    return _effective(entry)
+
+
+# A persona's fields and the skin fields they restate.
+PERSONA_FIELDS = ("qos_priority", "security_profile", "simulated_latency_ms", "packet_loss_probability",
+                  "bandwidth_limit_kbps")
+
+
+def _from_persona(document: dict) -> dict:
+    """A persona body as a skin document: ``id`` is the skin's ``name``."""
+    if "id" not in document:
+        return document
+    document = dict(document)
+    persona_id = document.pop("id")
+    if not isinstance(persona_id, str):
+        raise ApiError(400, f"id: expected text, got {json.dumps(persona_id)}")
+    if "name" in document and document["name"] != persona_id:
+        raise ApiError(400, f"id: {json.dumps(persona_id)} conflicts with name: {json.dumps(document['name'])} "
+                            f"(they mean the same thing; give one)")
+    return {"name": persona_id, **document}
+
+
+def persona_data(skin: Skin | None, document: dict | None) -> dict[str, Any]:
+    """A skin in the persona seed's vocabulary, with the document as written."""
+    assert skin is not None
+    return {
+        "id": skin.name,
+        "qos_priority": skin.qos_priority,
+        "security_profile": skin.security_profile,
+        "simulated_latency_ms": skin.latency_ms,
+        "packet_loss_probability": round(skin.packet_loss_percent / 100, 12),
+        "bandwidth_limit_kbps": skin.bandwidth_limit_kbps,
+        "document": document,
+    }
+
+
+# --- the OpenAPI document ----------------------------------------------------------------------
+
+
+def _skin_schemas() -> dict[str, Any]:
+    """The skin schema from the pydantic model, with what pydantic cannot express added."""
+    schema = Skin.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs")
+    name = {"type": "string", "pattern": f"^{_NAME_RE.pattern}$"}
+    props = schema["properties"]
+    props["name"] = name | {"description": "the skin's name (or skin_name)"}
+    props["skin_name"] = {"anyOf": [name, {"type": "null"}]}
+    props["security_profile"] = {"anyOf": [name, {"type": "null"}]}
+    props["loss_model"] = {"anyOf": [{"const": "random"}, {"$ref": "#/components/schemas/LossModel"}]}
+    props["mac_address"] = {"anyOf": [{"type": "string", "pattern": "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"},
+                                      {"type": "null"}]}
+    schema = _any_ip(schema)
+    defs = _any_ip(defs)
+    persona = json.loads(json.dumps(schema))
+    persona["title"] = "Persona"
+    persona["description"] = "A skin in the persona seed's vocabulary: `id` (or `name`) names it."
+    persona["properties"] = {"id": name} | persona["properties"]
+    return defs | {"Skin": schema, "Persona": persona}
+
+
+def _any_ip(schema: Any) -> Any:
+    """pydantic's "ipvanyaddress" format, in formats OpenAPI tools know."""
+    if isinstance(schema, list):
+        return [_any_ip(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if schema.get("format") == "ipvanyaddress":
+        return {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}]}
+    return {key: _any_ip(value) for key, value in schema.items()}
+
+
+def _named(schema: str, *names: str) -> dict[str, Any]:
+    """A create body: the schema, with at least one of the fields that name it."""
+    return {"allOf": [{"$ref": f"#/components/schemas/{schema}"},
+                      {"anyOf": [{"required": [name]} for name in names]}]}
+
+
+_NAME_PARAM = {"type": "string", "pattern": f"^{_NAME_RE.pattern}$"}
+
+_RESPONSES = {
+    200: "OK",
+    201: "created",
+    400: "invalid document (the message names the field, the value and the allowed range)",
+    401: "missing or wrong bearer token",
+    404: "unknown skin, persona or VM",
+    409: "conflict: the name exists, the skin is worn by a VM or is a preset, or the VM has no shadow",
+    422: "applied but not verified; the VM was rolled back (`vm` holds its status)",
+    503: "the daemon is not running or failed the request",
+}
+
+
+def _op(summary: str, ok: dict[str, Any], errors: tuple[int, ...] = (), *, params: tuple[str, ...] = (),
+        body: dict[str, Any] | None = None, created: bool = False, bearer: bool = False) -> dict[str, Any]:
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    responses: dict[str, Any] = {str(201 if created else 200): {"description": _RESPONSES[201 if created else 200],
+                                                                "content": ok}}
+    for code in errors + ((401,) if bearer else ()):
+        responses[str(code)] = {"description": _RESPONSES[code], "content": error}
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if params:
+        op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": _NAME_PARAM} for p in params]
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def openapi_document(bearer: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of this API (served at /openapi.json)."""
+    def json_of(ref: str | None = None, **schema: Any) -> dict[str, Any]:
+        return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"} if ref else schema}}
+
+    op = partial(_op, bearer=bearer)
+    entry, vm_status, persona = json_of("SkinEntry"), json_of("VmStatus"), json_of("PersonaView")
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "netskin", "version": "0.1.0",
+                 "description": "Per-VM network skins: the `netskin` CLI's operations over HTTP."},
+        "paths": {
+            "/skins": {
+                "get": op("List every skin (drop-ins and presets)", json_of(type="array", items={
+                    "$ref": "#/components/schemas/SkinEntry"})),
+                "post": op("Create a drop-in skin", entry, (400, 409), body=_named("Skin", "name", "skin_name"),
+                          created=True),
+            },
+            "/skins/{name}": {
+                "get": op("Show one skin and its effective conditions per direction", entry, (400, 404),
+                          params=("name",)),
+                "put": op("Replace a skin (a preset gets an overriding drop-in)", entry, (400, 404),
+                          params=("name",), body={"$ref": "#/components/schemas/Skin"}),
+                "delete": op("Delete a drop-in skin", json_of("Deleted"), (404, 409), params=("name",)),
+            },
+            "/vms": {"get": op("Every VM's status and the host's", json_of(type="object", required=["vms"],
+                                                                            properties={"vms": {"type": "object"},
+                                                                                        "host": {"type": "object"}}),
+                               (503,))},
+            "/vms/{vm_id}": {"get": op("One VM's status and live counters", vm_status, (404, 409, 503),
+                                       params=("vm_id",))},
+            "/vms/{vm_id}/skins/{name}": {"post": op(
+                "Apply a skin: atomic swap, verified, rolled back if not", vm_status, (400, 404, 409, 422, 503),
+                params=("vm_id", "name"))},
+            "/vms/{vm_id}/rollback": {"post": op("Swap the active and shadow skins", vm_status, (404, 409, 503),
+                                                 params=("vm_id",))},
+            "/vms/{vm_id}/revert": {"post": op("Remove the skin; restore the original configuration", vm_status,
+                                               (404, 409, 503), params=("vm_id",))},
+            "/vms/{vm_id}/persona": {"get": op("The VM's active skin as a persona", persona, (404,),
+                                               params=("vm_id",))},
+            "/vms/{vm_id}/persona/{persona_id}": {"post": op(
+                "Apply a persona (the same as applying the skin)", vm_status, (400, 404, 409, 422, 503),
+                params=("vm_id", "persona_id"))},
+            "/personas/create": {"post": op("Create a persona", persona, (400, 409),
+                                            body=_named("Persona", "id", "name"), created=True)},
+            "/personas/update/{id}": {"put": op("Replace a persona", persona, (400, 404), params=("id",),
+                                                body={"$ref": "#/components/schemas/Persona"})},
+            "/personas/get/{id}": {"get": op("One persona", persona, (400, 404), params=("id",))},
+            "/metrics": {"get": op("Prometheus metrics (netskin_daemon_up 0 when the daemon is down)",
+                                   {"text/plain": {"schema": {"type": "string"}}})},
+            "/openapi.json": {"get": op("This document", json_of(type="object"))},
+        },
+        "components": {"schemas": _skin_schemas() | {
+            "Error": {"type": "object", "required": ["error"], "properties": {
+                "error": {"type": "string", "description": "one line: the problem and the fix"},
+                "errors": {"type": "array", "items": {"type": "string"}, "description": "one line per problem"},
+                "vm": {"description": "422: the VM's status after the rollback; 409 on delete: the VM wearing it"},
+            }},
+            "SkinEntry": {"type": "object", "required": ["name", "origin", "path", "valid", "errors", "skin"],
+                          "properties": {
+                              "name": {"type": "string"},
+                              "origin": {"enum": ["preset", "drop-in"]},
+                              "path": {"type": "string"},
+                              "valid": {"type": "boolean"},
+                              "errors": {"type": "array", "items": {"type": "string"}},
+                              "skin": {"type": ["object", "null"]},
+                              "effective": {"type": "object", "description": "GET /skins/{name} only"},
+                          }},
+            "Deleted": {"type": "object", "required": ["deleted", "path", "preset_visible"], "properties": {
+                "deleted": {"type": "string"}, "path": {"type": "string"}, "preset_visible": {"type": "boolean"}}},
+            "VmStatus": {"type": "object",
+                         "required": ["active", "shadow", "generation", "enforced_generation", "uplink", "downlink"],
+                         "properties": {
+                             "active": {"type": ["string", "null"]},
+                             "shadow": {"type": ["string", "null"]},
+                             "generation": {"type": "integer"},
+                             "enforced_generation": {"type": "integer"},
+                             "reload_error": {"type": ["string", "null"]},
+                             "verify_problems": {"type": "array", "items": {"type": "string"}},
+                             "uplink": {"type": "object"},
+                             "downlink": {"type": "object"},
+                         }},
+            "PersonaView": {"type": "object", "required": ["id", *PERSONA_FIELDS, "document"], "properties": {
+                "id": {"type": "string"},
+                "qos_priority": {"type": "integer"},
+                "security_profile": {"type": ["string", "null"]},
+                "simulated_latency_ms": {"type": "number"},
+                "packet_loss_probability": {"type": "number"},
+                "bandwidth_limit_kbps": {"type": "number"},
+                "document": {"type": "object", "description": "the skin document as stored"},
+            }},
+        }},
+    }
+    if bearer:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+async def _until_signalled() -> None:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
+def serve(config: HostConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
+          verify_timeout: float = assign.VERIFY_TIMEOUT_S) -> None:
+    """Serve the API until SIGINT/SIGTERM; ``UserError`` if it may not or cannot listen."""
+    import trio
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    check_listen(host, token)
+    hypercorn = Config()
+    hypercorn.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hypercorn.accesslog = "-"
+    app = create_app(config, token=token, verify_timeout=verify_timeout)
+    try:
+        trio.run(partial(hypercorn_serve, app, hypercorn, shutdown_trigger=_until_signalled))
+    except* OSError as group:
+        error = group.exceptions[0]
+        raise UserError(f"cannot listen on {host}:{port}: {getattr(error, 'strerror', None) or error}; "
+                        f"choose another --host or --port") from None

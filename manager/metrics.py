@@ -1,0 +1,103 @@
+"""Prometheus metrics built from one daemon status reply, for `GET /metrics`.
+
+The daemon owns the counters; this module only restates a status reply (``assign.status``) in
+Prometheus' text format. Each scrape gets a fresh registry, so a VM removed from the host
+configuration disappears from the next scrape instead of lingering as a stale series.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "StatusCollector", "registry", "render"]
+
+DIRECTIONS = ("uplink", "downlink")
+
+# (metric name, help, key in a direction's counters)
+_DIRECTION_COUNTERS = (
+    ("netskin_packets", "Packets seen, before loss, queue or firewall drops.", "packets"),
+    ("netskin_bytes", "IP bytes seen, before any drop.", "bytes"),
+    ("netskin_passed_packets", "Packets delivered (immediately or after being held).", "passed_packets"),
+    ("netskin_passed_bytes", "IP bytes delivered.", "passed_bytes"),
+)
+
+
+class StatusCollector:
+    """A collector over one status reply; ``None`` means the daemon did not answer."""
+
+    def __init__(self, reply: dict | None) -> None:
+        self.reply = reply
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("netskin_daemon_up", "1 if the daemon answered this scrape's status request.")
+        up.add_metric([], 0 if self.reply is None else 1)
+        yield up
+        if self.reply is None:
+            return
+        vms: dict[str, dict] = self.reply.get("vms") or {}
+
+        for name, help_text, key in _DIRECTION_COUNTERS:
+            family = CounterMetricFamily(name, help_text, labels=["vm", "direction"])
+            for vm, st in vms.items():
+                for direction in DIRECTIONS:
+                    family.add_metric([vm, direction], st[direction][key])
+            yield family
+
+        dropped = CounterMetricFamily(
+            "netskin_dropped_packets", "Packets dropped, by reason (loss, queue, firewall, mtu).",
+            labels=["vm", "direction", "reason"],
+        )
+        held = GaugeMetricFamily("netskin_held_packets", "Packets held in the delay/rate queue now.",
+                                 labels=["vm", "direction"])
+        for vm, st in vms.items():
+            for direction in DIRECTIONS:
+                counters = st[direction]
+                for reason, count in sorted(counters.get("drops", {}).items()):
+                    dropped.add_metric([vm, direction, reason], count)
+                held.add_metric([vm, direction], counters["held_packets"])
+        yield dropped
+        yield held
+
+        # Optional per-VM sections: absent (older daemon, feature off) means no samples.
+        dns = CounterMetricFamily("netskin_dns_answers", "DNS answers given to the VM, by outcome.",
+                                  labels=["vm", "outcome"])
+        firewall = CounterMetricFamily("netskin_firewall_hits", "Packets matched by each firewall rule (\"default in/out\": by no rule).",
+                                       labels=["vm", "rule"])
+        for vm, st in vms.items():
+            for outcome, count in sorted((st.get("dns") or {}).items()):
+                dns.add_metric([vm, outcome], count)
+            rules = st.get("firewall") or {}
+            for rule in rules.get("rules") or []:
+                firewall.add_metric([vm, str(rule["rule"])], rule["hits"])
+            # Packets no rule matched, which the profile's default action took.
+            for direction, hits in sorted((rules.get("default_hits") or {}).items()):
+                firewall.add_metric([vm, f"default {direction}"], hits)
+        yield dns
+        yield firewall
+
+        generation = GaugeMetricFamily("netskin_skin_generation",
+                                       "Assignment generation of the VM (rises with every swap).",
+                                       labels=["vm"])
+        reload_error = GaugeMetricFamily("netskin_reload_error",
+                                         "1 if the VM's edited skin file failed to reload (last good kept).",
+                                         labels=["vm"])
+        for vm, st in vms.items():
+            generation.add_metric([vm], st["generation"])
+            reload_error.add_metric([vm], 1 if st.get("reload_error") else 0)
+        yield generation
+        yield reload_error
+
+
+def registry(reply: dict | None) -> CollectorRegistry:
+    fresh = CollectorRegistry(auto_describe=False)
+    fresh.register(StatusCollector(reply))
+    return fresh
+
+
+def render(reply: dict | None) -> bytes:
+    """The Prometheus text exposition of one status reply (``None``: daemon down)."""
+    return generate_latest(registry(reply))
