@@ -9,6 +9,11 @@ packet. Swapping a VM's skin is replacing one reference to a ``CompiledSkin``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine imports this module; only type names are needed from it
+    from interceptor.engine.dns import CompiledDns
+    from interceptor.engine.firewall import CompiledProfile
 
 NS_PER_MS = 1_000_000
 
@@ -62,10 +67,13 @@ class CompiledSkin:
     downlink: DirectionSkin = PASSTHROUGH
     qos_weight: int = 5  # qos_priority 1..10
     security_profile: str | None = None
+    firewall: CompiledProfile | None = None  # the profile, resolved from rules/ by the daemon
     dns_servers: tuple[str, ...] = ()
+    dns: CompiledDns | None = None  # answer rewriting, blocking and delay
     ip_address: str | None = None
     mac_address: str | None = None
     mtu: int | None = None
+    optional: frozenset[str] = frozenset()  # identity fields that may stay unset on this host
 
 
 NO_SKIN = CompiledSkin(name="")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 CHAIN = "NETSKIN"
 TAG = "netskin"
 HOOKS = ("FORWARD", "INPUT", "OUTPUT")
+REJECT_MARK = 0x20000000  # the mark bit the shell sets on packets it rejects (see shell.REJECT_MARK)
 
 
 class RulesError(RuntimeError):
@@ -69,10 +70,16 @@ def _queue_target(queue: int, bypass: bool) -> str:
     return f"-j NFQUEUE --queue-num {queue}" + (" --queue-bypass" if bypass else "")
 
 
-def render(vms: list[VmQueues], fail_open: bool, leftover_jumps: list[str]) -> str:
+def render(vms: list[VmQueues], fail_open: bool, leftover_jumps: list[str], version: int = 4) -> str:
     """The iptables-restore input that makes the ruleset ours, whatever was there before."""
     lines = ["*filter", f":{CHAIN} - [0:0]"]  # declaring the chain flushes it (with --noflush)
     lines += ["-D" + jump[2:] for jump in leftover_jumps]
+    # Packets the engine rejected come back (NF_REPEAT) carrying the reject mark: the kernel
+    # answers them as a firewall would. These rules come first, so they are never queued again.
+    mark = f"-m mark --mark {REJECT_MARK:#x}/{REJECT_MARK:#x}"
+    unreachable = "icmp-port-unreachable" if version == 4 else "icmp6-port-unreachable"
+    lines.append(f"-A {CHAIN} {mark} -p tcp -j REJECT --reject-with tcp-reset")
+    lines.append(f"-A {CHAIN} {mark} -j REJECT --reject-with {unreachable}")
     for vm in vms:
         up = _queue_target(vm.uplink_queue, fail_open)
         down = _queue_target(vm.downlink_queue, fail_open)
@@ -93,7 +100,8 @@ def install(vms: list[VmQueues], fail_open: bool) -> None:
     """Atomically (per address family) replace whatever netskin rules exist with these."""
     for save, restore in _families():
         jumps, _ = _our_lines(_run([save, "-t", "filter"]))
-        _run([restore, "-w", "--noflush"], render(vms, fail_open, jumps))
+        version = 6 if save.startswith("ip6") else 4
+        _run([restore, "-w", "--noflush"], render(vms, fail_open, jumps, version))
 
 
 def remove() -> bool:

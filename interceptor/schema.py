@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from interceptor.compiled import NS_PER_MS, CompiledSkin, DirectionSkin, GilbertElliott
+from interceptor.engine.dns import CompiledDns, compile_dns
 
 DEFAULT_CONFIG_PATH = Path("/etc/netskin/netskin.toml")
 CONFIG_ENV = "NETSKIN_CONFIG"
@@ -288,6 +289,9 @@ class Skin(_Strict):
     ip_address: IPv4Address | None = None
     mac_address: str | None = None
     mtu: Annotated[int, Field(ge=68, le=65_535, strict=True)] | None = None
+    # Identity fields this skin can do without where the host cannot set them (a VM with no
+    # netns cannot get a MAC): applying then succeeds and status says what was left unset.
+    optional: list[Literal["mac_address", "mtu"]] = []
 
     @field_validator("name", "skin_name")
     @classmethod
@@ -455,7 +459,16 @@ def compile_skin(skin: Skin) -> CompiledSkin:
         ip_address=None if skin.ip_address is None else str(skin.ip_address),
         mac_address=skin.mac_address,
         mtu=skin.mtu,
+        optional=frozenset(skin.optional),
+        dns=_compile_dns(skin.dns),
     )
+
+
+def _compile_dns(dns: DnsConfig | None) -> CompiledDns | None:
+    if dns is None or not (dns.rewrite or dns.block or dns.delay_ms):
+        return None
+    return compile_dns({pattern: str(address) for pattern, address in dns.rewrite.items()},
+                       list(dns.block), dns.ttl, dns.delay_ms)
 
 
 def compile_document(document: Any, name: str) -> CompiledSkin:

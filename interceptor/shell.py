@@ -4,6 +4,10 @@ Everything that touches a clock, a file descriptor or the kernel for the data pa
 every decision is the engine's. One NFQUEUE queue per VM and direction, so a packet is classified
 by the queue it arrives on, with no lookup. Held packets wait in one heap ordered by departure
 time, released by one timerfd-driven task: no task or timer per packet.
+
+A skin with a firewall profile, DNS rewriting or an MTU needs each packet's headers; only then is
+the packet read and parsed (the inspection stages: mtu → firewall → dns), so skins with link
+conditions alone keep the length-only fast path.
 """
 
 from __future__ import annotations
@@ -19,8 +23,14 @@ from typing import Callable
 import trio
 
 from interceptor.compiled import NO_SKIN, CompiledSkin
-from interceptor.engine import ACCEPT, DROP_QUEUE, Drop, Hold, Pipe, SharedLink
+from interceptor.engine import ACCEPT, DROP_FIREWALL, DROP_MTU, DROP_QUEUE, Drop, Hold, Pipe, SharedLink
+from interceptor.engine import dns as dns_stage
+from interceptor.engine.firewall import ALLOW, REJECT, Firewall
+from interceptor.engine.mtu import icmp_error, too_big
+from interceptor.inject import Injector
 from interceptor.nfqueue import Queue
+from interceptor.packet import PROTO_UDP, parse
+from interceptor.rules import REJECT_MARK
 from interceptor.timer import TimerFd
 
 log = logging.getLogger("netskin.shell")
@@ -33,6 +43,8 @@ RELEASE_AHEAD_NS = 40_000
 # Stages a held packet can be waiting for.
 _DEPART = 0  # its departure: verdict accept
 _TO_LINK = 1  # its ready time behind the VM's own shaper: then it joins the shared uplink
+_TO_PIPE = 2  # the end of its DNS delay: then it enters the link stages
+
 
 
 @dataclass
@@ -48,14 +60,25 @@ class VmPath:
     generation: int = 0
     uplink: Pipe = field(default_factory=lambda: Pipe(NO_SKIN.uplink))
     downlink: Pipe = field(default_factory=lambda: Pipe(NO_SKIN.downlink))
+    firewall: Firewall = field(default_factory=Firewall)  # one per VM: flows span both directions
+    dns_answers: dict[str, int] = field(default_factory=dict)  # DNS stage outcome → count
+    icmp_sent: int = 0  # "fragmentation needed" / "packet too big" errors sent for this VM
+    # Set by the shell: the inspection stage per direction, or None when the skin needs none.
+    inspect_uplink: Callable | None = None
+    inspect_downlink: Callable | None = None
+    downlink_stages: Callable | None = None  # the downlink's link stages (after a DNS delay)
+    on_swap: Callable[[], None] | None = None
 
     def set_skin(self, skin: CompiledSkin, generation: int) -> None:
-        """Swap in ``skin``. Each direction is one reference assignment, done with no await in
+        """Swap in ``skin``. Every part is a reference assignment, done with no await in
         between, so in this single-threaded loop every packet sees wholly the old or the new."""
         self.uplink.skin = skin.uplink
         self.downlink.skin = skin.downlink
+        self.firewall.profile = skin.firewall
         self.skin = skin
         self.generation = generation
+        if self.on_swap is not None:
+            self.on_swap()
 
 
 class Shell:
@@ -79,16 +102,86 @@ class Shell:
         self._seq = itertools.count()
         self._timer = TimerFd()
         self._random = random.Random(seed).random
+        self.injector = Injector()
 
     # -- set-up -------------------------------------------------------------------------------
 
     def add_vm(self, path: VmPath) -> None:
         self.paths[path.name] = path
-        uplink = self._shared_uplink_handler(path) if self.link else self._handler(path.uplink)
-        for number, handler in ((path.uplink_queue, uplink), (path.downlink_queue, self._handler(path.downlink))):
+        path.on_swap = lambda: self._set_inspection(path)
+        self._set_inspection(path)
+        uplink = self._shared_uplink_handler(path) if self.link else self._handler(path, path.uplink, True)
+        downlink = self._handler(path, path.downlink, False)
+        for number, handler in ((path.uplink_queue, uplink), (path.downlink_queue, downlink)):
             self._queues.append(Queue(number, handler, max_len=self.max_held, fail_open=self.fail_open))
 
-    def _handler(self, pipe: Pipe) -> Callable:
+    # -- inspection: mtu → firewall → dns -------------------------------------------------------
+
+    def _set_inspection(self, path: VmPath) -> None:
+        path.inspect_uplink = self._inspector(path, outgoing=True)
+        path.inspect_downlink = self._inspector(path, outgoing=False)
+
+    def _inspector(self, path: VmPath, outgoing: bool) -> Callable | None:
+        """The inspection stage for one direction of ``path.skin``, or None if it needs none.
+
+        The stage returns the size with which the packet goes on to the link stages, or -1 when
+        it has verdicted or held the packet itself.
+        """
+        skin = path.skin
+        mtu = skin.mtu
+        profile = skin.firewall
+        dns = None if outgoing else skin.dns
+        if mtu is None and profile is None and dns is None:
+            return None
+        pipe = path.uplink if outgoing else path.downlink
+        judge = path.firewall.judge
+        answers = path.dns_answers
+        injector = self.injector
+        rewrite_answer = dns_stage.rewrite_answer
+
+        def inspect(packet, size: int, now: int) -> int:
+            data = packet.get_payload()
+            header = parse(data)
+            if mtu is not None and header.length > mtu and too_big(header, mtu):
+                pipe.count_drop(DROP_MTU, size)
+                packet.drop()
+                error = icmp_error(data, header, mtu)
+                if error is not None:
+                    injector.send_icmp(*error)
+                    path.icmp_sent += 1
+                return -1
+            if profile is not None:
+                action = judge(header, data, outgoing, now)
+                if action != ALLOW:
+                    pipe.count_drop(DROP_FIREWALL, size)
+                    if action == REJECT:
+                        # NF_REPEAT with the reject mark: the chain's first rules hand the packet
+                        # to the kernel's REJECT target, so the refusal is a real firewall's.
+                        packet.set_mark(packet.get_mark() | REJECT_MARK)
+                        packet.repeat()
+                    else:
+                        packet.drop()
+                    return -1
+            if dns is not None and header.proto == PROTO_UDP and header.sport == 53:
+                outcome, rebuilt = rewrite_answer(data, header, dns)
+                answers[outcome] = answers.get(outcome, 0) + 1
+                if rebuilt is not None:
+                    packet.set_payload(rebuilt)
+                    size = len(rebuilt)
+                if dns.delay_ns:
+                    # A slow resolver: the answer reaches the link only after the delay.
+                    pipe.hold(size)
+                    heapq.heappush(self._held, (now + dns.delay_ns, next(self._seq), packet, pipe, size,
+                                                _TO_PIPE, path))
+                    self._rearm()
+                    return -1
+            return size
+
+        return inspect
+
+    # -- link stages ----------------------------------------------------------------------------
+
+    def _handler(self, path: VmPath, pipe: Pipe, outgoing: bool) -> Callable:
         # The hot path: everything it needs is bound to locals once, here.
         decide = pipe.decide
         held = self._held
@@ -100,7 +193,15 @@ class Shell:
 
         def on_packet(packet) -> None:
             size = packet.get_payload_len()
-            decision = decide(size, monotonic_ns(), rand)
+            inspect = path.inspect_uplink if outgoing else path.inspect_downlink
+            if inspect is not None:
+                size = inspect(packet, size, monotonic_ns())
+                if size < 0:
+                    return
+            link_stages(packet, size, monotonic_ns())
+
+        def link_stages(packet, size: int, now: int) -> None:
+            decision = decide(size, now, rand)
             if decision is ACCEPT:
                 packet.accept()
             elif decision.__class__ is Hold:
@@ -112,6 +213,8 @@ class Shell:
             else:
                 packet.drop()
 
+        if not outgoing:
+            path.downlink_stages = link_stages  # where a DNS answer goes after its delay
         return on_packet
 
     def _shared_uplink_handler(self, path: VmPath) -> Callable:
@@ -123,6 +226,11 @@ class Shell:
         def on_packet(packet) -> None:
             size = packet.get_payload_len()
             now = monotonic_ns()
+            inspect = path.inspect_uplink
+            if inspect is not None:
+                size = inspect(packet, size, now)
+                if size < 0:
+                    return
             ready = admit(size, now, rand)
             if ready.__class__ is Drop:
                 packet.drop()
@@ -180,8 +288,11 @@ class Shell:
                     if stage == _DEPART:
                         packet.accept()
                         pipe.released(size)
-                    else:
+                    elif stage == _TO_LINK:
                         self._to_link(packet, pipe, size, path, due)
+                    else:  # _TO_PIPE: the held DNS answer now meets the downlink's conditions
+                        pipe.unhold(size)
+                        path.downlink_stages(packet, size, due)
                 if link is None:
                     break
                 sent = link.dequeue(horizon)
@@ -214,6 +325,7 @@ class Shell:
             queue.close()
         self._queues.clear()
         self._timer.close()
+        self.injector.close()
 
     @property
     def held_packets(self) -> int:

@@ -41,6 +41,8 @@ class Drop:
 
 DROP_LOSS = Drop("loss")  # random or Gilbert-Elliott loss
 DROP_QUEUE = Drop("queue")  # tail drop behind the rate limit (or the shared uplink)
+DROP_FIREWALL = Drop("firewall")  # the security profile's drop or reject
+DROP_MTU = Drop("mtu")  # larger than the skin's MTU and not allowed to fragment
 
 
 class Hold:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from interceptor.compiled import PASSTHROUGH, DirectionSkin
 
-from .decision import ACCEPT, DROP_LOSS, DROP_QUEUE, Accept, Drop, Hold
+from .decision import ACCEPT, DROP_FIREWALL, DROP_LOSS, DROP_MTU, DROP_QUEUE, Accept, Drop, Hold
 from .delay import DelayLine, departure
 from .loss import LossState, lose
 from .shaper import RateClock, shape
@@ -61,7 +61,7 @@ class Pipe:
         self.bytes = 0
         self.passed_packets = 0
         self.passed_bytes = 0
-        self.drops: dict[str, int] = {DROP_LOSS.reason: 0, DROP_QUEUE.reason: 0}
+        self.drops: dict[str, int] = {d.reason: 0 for d in (DROP_LOSS, DROP_QUEUE, DROP_FIREWALL, DROP_MTU)}
         self.dropped_packets = 0
         self.dropped_bytes = 0
         self.held_packets = 0
@@ -134,6 +134,11 @@ class Pipe:
         self.held_packets += 1
         self.held_bytes += size
         self.held_total += 1
+
+    def unhold(self, size: int) -> None:
+        """The shell stops holding a packet without a verdict yet (it goes on to ``decide``)."""
+        self.held_packets -= 1
+        self.held_bytes -= size
 
     def released(self, size: int) -> None:
         """The shell accepted a packet this pipe had held."""

@@ -215,13 +215,3 @@ except socket.timeout:
     pass
 print(json.dumps({"sent": sent, "received": len(got), "min_one_way_ms": low}))
 """
-
-
-def test_a_skin_with_parts_this_version_cannot_enforce_is_rolled_back(lab):
-    write_skin(lab, "fine", latency_ms=10)
-    write_skin(lab, "mtu-skin", latency_ms=30, mtu=1400)
-    with DaemonProcess(lab.config_path) as daemon:
-        assert netskin(lab.config_path, "apply", "vm1", "fine").returncode == 0
-        out = netskin(lab.config_path, "apply", "vm1", "mtu-skin", "--timeout", "0.5")
-        assert out.returncode == 3 and "mtu" in out.stderr and "rolled back" in out.stderr
-        assert daemon.status("vm1")["vm1"]["active"] == "fine"
