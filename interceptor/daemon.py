@@ -515,6 +515,9 @@ def _enter_netns(name: str) -> None:
 
     try:
         netns.setns(name, flags=0)
+    except PermissionError as exc:
+        raise ConfigError([f"host_netns: entering network namespace '{name}' needs CAP_SYS_ADMIN "
+                           f"({exc}); run as root or grant it (systemd/README.md)"]) from exc
     except (FileNotFoundError, OSError) as exc:
         raise ConfigError([f"host_netns: network namespace '{name}' not found ({exc})"]) from exc
 

@@ -34,7 +34,7 @@ from interceptor.assignments import AssignmentStore
 from interceptor.library import Entry
 from interceptor.schema import _NAME_RE, HostConfig, Skin, SkinError, UserError, validate_skin
 from manager import assign, metrics
-from manager.library import LibraryError, SkinLibrary
+from manager.library import LibraryError, SkinLibrary, effective_links, entry_data, in_use_message, worn_by
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8640
@@ -150,7 +150,7 @@ class Api:
 
     async def show_skin(self, request: Request) -> Response:
         entry = await run_in_threadpool(self._valid_entry, request.path_params["name"])
-        return JSONResponse(entry_data(entry) | {"effective": effective(entry)})
+        return JSONResponse(entry_data(entry) | {"effective": effective_links(entry)})
 
     async def update_skin(self, request: Request) -> Response:
         document = await _document(request)
@@ -186,12 +186,9 @@ class Api:
 
     def _delete(self, name: str) -> dict:
         entry = self._entry(name)
-        # The same check as `netskin skins delete`: a worn skin stays.
-        for vm in self.config.vms:
-            assignment = self.store.load(vm)
-            if assignment and assignment.active and assignment.active.name == name:
-                raise ApiError(409, f"skin {name!r} is active on VM {vm!r}; apply another skin to it or "
-                                    f"`netskin revert {vm}` first", vm=vm)
+        vm = worn_by(self.config, name)  # the same check as `netskin skins delete`
+        if vm is not None:
+            raise ApiError(409, in_use_message(name, vm), vm=vm)
         try:
             entry = self.library.delete(name)
         except LibraryError as error:  # a preset, or skins_dir is not writable
@@ -403,20 +400,6 @@ class _as_file:
 
 def _renamed(error: UserError, source: Path) -> UserError:
     return type(error)([line.replace(str(source), BODY_AS_FILE) for line in error.lines])
-
-
-def entry_data(entry: Entry) -> dict[str, Any]:
-    """One library entry, as `netskin skins list --json` prints it."""
-    from manager.cli import _entry_data  # one shape for the CLI and the API
-
-    return _entry_data(entry)
-
-
-def effective(entry: Entry) -> dict[str, Any]:
-    """The effective one-way conditions per direction, as `netskin skins show --json` prints them."""
-    from manager.cli import _effective
-
-    return _effective(entry)
 
 
 # A persona's fields and the skin fields they restate.

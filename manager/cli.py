@@ -19,14 +19,13 @@ from typer.core import TyperGroup
 
 from interceptor.schema import (
     DEFAULT_CONFIG_PATH,
-    SKIN_ALIASES,
     HostConfig,
     SkinError,
     UserError,
     load_host_config,
     load_skin_file,
 )
-from manager.library import Entry, SkinLibrary
+from manager.library import Entry, SkinLibrary, effective_links, entry_data, in_use_message, worn_by
 
 # --- shared pieces: every command group uses these -------------------------------------------
 
@@ -100,7 +99,7 @@ def skins_list(config: ConfigOption = None, as_json: JsonOption = False) -> None
     """List every skin: drop-ins (which override presets of the same name) and presets."""
     entries = open_library(config).entries()
     if as_json:
-        print_json([_entry_data(entry) for entry in entries])
+        print_json([entry_data(entry) for entry in entries])
         return
     table = Table(box=box.SIMPLE_HEAD, caption="down, up: rate limit in kbit/s (∞: unlimited)")
     table.add_column("name", no_wrap=True)
@@ -136,10 +135,10 @@ def skins_show(name: str, config: ConfigOption = None, as_json: JsonOption = Fal
         raise SkinError(list(entry.errors))
     skin = entry.skin
     if as_json:
-        print_json(_entry_data(entry) | {"effective": _effective(entry)})
+        print_json(entry_data(entry) | {"effective": effective_links(entry)})
         return
     fields = Table("field", "value", title=f"{skin.name} ({entry.origin}, {entry.path})")
-    for key, value in _skin_data(entry).items():
+    for key, value in entry_data(entry)["skin"].items():
         if key not in ("uplink", "downlink"):
             fields.add_row(key, _value(value))
     console.print(fields)
@@ -147,7 +146,7 @@ def skins_show(name: str, config: ConfigOption = None, as_json: JsonOption = Fal
         "direction", "delay ms (one-way)", "jitter ms", "loss %", "rate kbit/s",
         title="effective per direction (uplink: leaving the VM)",
     )
-    for direction, link in _effective(entry).items():
+    for direction, link in effective_links(entry).items():
         bursty = skin.bursty_loss(direction)
         links.add_row(
             direction,
@@ -210,41 +209,15 @@ def skins_update(
 @skins_app.command("delete")
 def skins_delete(name: str, config: ConfigOption = None) -> None:
     """Remove a drop-in skin (presets cannot be deleted; nor can a skin a VM wears)."""
-    from interceptor.assignments import AssignmentStore
-
     host = load_config(config)
-    store = AssignmentStore(Path(host.state_dir))
-    for vm in host.vms:
-        assignment = store.load(vm)
-        if assignment and assignment.active and assignment.active.name == name:
-            fail(f"skin {name!r} is active on VM {vm!r}; apply another skin to it or "
-                 f"`netskin revert {vm}` first")
+    vm = worn_by(host, name)
+    if vm is not None:
+        fail(in_use_message(name, vm))
     library = SkinLibrary(host.skins_dir)
     entry = library.delete(name)
     uncovered = any(e.name == name and e.origin == "preset" for e in library.entries())
     note = f"; the preset {name} is visible again" if uncovered else ""
     typer.echo(f"deleted {entry.name} ({entry.path}){note}")
-
-
-def _skin_data(entry: Entry) -> dict[str, Any]:
-    assert entry.skin is not None
-    return entry.skin.model_dump(mode="json", exclude_none=True, exclude=set(SKIN_ALIASES))
-
-
-def _entry_data(entry: Entry) -> dict[str, Any]:
-    return {
-        "name": entry.name,
-        "origin": entry.origin,
-        "path": str(entry.path),
-        "valid": entry.skin is not None,
-        "errors": list(entry.errors),
-        "skin": None if entry.skin is None else _skin_data(entry),
-    }
-
-
-def _effective(entry: Entry) -> dict[str, dict[str, float]]:
-    assert entry.skin is not None
-    return {d: entry.skin.link(d).model_dump() for d in ("uplink", "downlink")}
 
 
 def _value(value: Any) -> str:

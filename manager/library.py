@@ -7,13 +7,50 @@ the old file or the new one, never half of one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from interceptor import library
-from interceptor.assignments import write_atomically
+from interceptor.assignments import AssignmentStore, write_atomically
 from interceptor.library import PRESETS_ENV, Entry, LibraryError, presets_dir
-from interceptor.schema import load_skin_file, read_skin_file
+from interceptor.schema import SKIN_ALIASES, HostConfig, load_skin_file, read_skin_file
 
-__all__ = ["PRESETS_ENV", "Entry", "LibraryError", "SkinLibrary", "presets_dir"]
+__all__ = ["PRESETS_ENV", "Entry", "LibraryError", "SkinLibrary", "entry_data", "effective_links",
+           "presets_dir", "worn_by"]
+
+
+def entry_data(entry: Entry) -> dict[str, Any]:
+    """One library entry as plain data: the one shape of ``skins list/show --json`` and the API."""
+    skin = None
+    if entry.skin is not None:
+        skin = entry.skin.model_dump(mode="json", exclude_none=True, exclude=set(SKIN_ALIASES))
+    return {
+        "name": entry.name,
+        "origin": entry.origin,
+        "path": str(entry.path),
+        "valid": entry.skin is not None,
+        "errors": list(entry.errors),
+        "skin": skin,
+    }
+
+
+def effective_links(entry: Entry) -> dict[str, dict[str, float]]:
+    """The one-way conditions a valid entry gives each direction."""
+    assert entry.skin is not None
+    return {d: entry.skin.link(d).model_dump() for d in ("uplink", "downlink")}
+
+
+def worn_by(config: HostConfig, name: str) -> str | None:
+    """The first VM whose active skin is ``name`` (such a skin must not be deleted), or None."""
+    store = AssignmentStore(Path(config.state_dir))
+    for vm in config.vms:
+        assignment = store.load(vm)
+        if assignment and assignment.active and assignment.active.name == name:
+            return vm
+    return None
+
+
+def in_use_message(name: str, vm: str) -> str:
+    return f"skin {name!r} is active on VM {vm!r}; apply another skin to it or `netskin revert {vm}` first"
 
 
 class SkinLibrary(library.SkinLibrary):
