@@ -80,6 +80,9 @@ QUICK = Plan(
 
 EMPTY_SKIN = {"name": "bench-empty"}
 FULL_SKIN = {"name": "bench-full", "packet_loss_percent": 1, "latency_ms": 20, "bandwidth_limit_kbps": 50_000}
+# The same plus the stages that read headers: every packet is parsed and meets the stateful
+# firewall (the bench's stream is one flow, so this is the established-flow path).
+FIREWALL_SKIN = {**FULL_SKIN, "name": "bench-firewall", "security_profile": "standard"}
 
 
 def delay_skin(plan: Plan) -> dict:
@@ -96,7 +99,7 @@ def loss_skin(plan: Plan) -> dict:
 
 def all_skins(plan: Plan) -> list[dict]:
     rates = sorted({*plan.rates_kbps, plan.downlink_rate_kbps})
-    return [EMPTY_SKIN, delay_skin(plan), *map(rate_skin, rates), loss_skin(plan), FULL_SKIN]
+    return [EMPTY_SKIN, delay_skin(plan), *map(rate_skin, rates), loss_skin(plan), FULL_SKIN, FIREWALL_SKIN]
 
 out = Console(width=120, highlight=False)
 progress = Console(stderr=True, highlight=False)
@@ -315,6 +318,10 @@ def measure(h: Harness, plan: Plan, results: Results) -> None:
         step("full skin (loss 1 % + latency 20 ms + 50 Mbit/s): CPU per packet")
         h.apply(FULL_SKIN)
         speed["full_skin"] = measure_cpu(h, daemon.pid, plan)
+
+        step("full skin + firewall profile 'standard': CPU per packet")
+        h.apply(FIREWALL_SKIN)
+        speed["firewall_skin"] = measure_cpu(h, daemon.pid, plan)
     finally:
         h.stop_daemon(daemon)
 
@@ -366,6 +373,12 @@ def summarize(results: Results, plan: Plan) -> None:
     row("full skin CPU per packet vs bare loop",
         f"{full_ratio:.2f}× ({full['cpu_us_per_packet']:.1f} vs {bare['cpu_us_per_packet']:.1f} µs)",
         "≤ 3×", full_ratio <= 3.0, full_ratio)
+    firewall = speed.get("firewall_skin")
+    if firewall:
+        ratio = firewall["cpu_us_per_packet"] / bare["cpu_us_per_packet"]
+        row("full skin + firewall CPU per packet vs bare loop",
+            f"{ratio:.2f}× ({firewall['cpu_us_per_packet']:.1f} vs {bare['cpu_us_per_packet']:.1f} µs)",
+            "≤ 3×", ratio <= 3.0, ratio)
 
     probe = fidelity["timer_probe"]
     if error["p99_ms"] > 1.0 and probe.get("over_1ms"):
@@ -406,8 +419,11 @@ def print_tables(results: Results, plan: Plan) -> None:
     for column in ("path", "CPU µs/pkt", "× bare", "max pkt/s", "% of bare"):
         table.add_column(column, justify="left" if column == "path" else "right")
     for key, label in (("no_queue", "no queue (sender/receiver ceiling)"), ("bare_loop", "bare netfilterqueue loop"),
-                       ("daemon", "netskin pass-through"), ("full_skin", "netskin full skin")):
-        entry = speed[key]
+                       ("daemon", "netskin pass-through"), ("full_skin", "netskin full skin"),
+                       ("firewall_skin", "netskin full skin + firewall")):
+        entry = speed.get(key)
+        if entry is None:
+            continue
         cpu = entry.get("cpu_us_per_packet")
         rate = entry.get("max_pps")
         table.add_row(
