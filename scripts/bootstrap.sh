@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iptables iproute2 libnetfilter-queue-dev libnetfilter-queue1 gcc python3-dev python3-venv
-  iperf3 dnsutils iputils-ping procps tmux
+  iperf3 dnsutils iputils-ping procps tmux systemd
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
