@@ -143,7 +143,7 @@ class Shell:
             data = packet.get_payload()
             header = parse(data)
             if mtu is not None and header.length > mtu and too_big(header, mtu):
-                pipe.count_drop(DROP_MTU, size)
+                pipe.refuse(DROP_MTU, size)
                 packet.drop()
                 error = icmp_error(data, header, mtu)
                 if error is not None:
@@ -153,7 +153,7 @@ class Shell:
             if profile is not None:
                 action = judge(header, data, outgoing, now)
                 if action != ALLOW:
-                    pipe.count_drop(DROP_FIREWALL, size)
+                    pipe.refuse(DROP_FIREWALL, size)
                     if action == REJECT:
                         # NF_REPEAT with the reject mark: the chain's first rules hand the packet
                         # to the kernel's REJECT target, so the refusal is a real firewall's.

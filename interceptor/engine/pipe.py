@@ -27,7 +27,8 @@ class Pipe:
 
     Counters (all monotonic except the ``held_*`` gauges):
 
-    - ``packets``/``bytes``: every packet offered to ``decide``/``admit`` (IP bytes).
+    - ``packets``/``bytes``: every packet offered to ``decide``/``admit`` or refused by an
+      inspection stage before them (IP bytes).
     - ``passed_packets``/``passed_bytes``: verdicted accept, immediately or after a hold (the
       shell calls ``released(size)`` when it accepts a held packet).
     - ``drops``: reason → count; ``dropped_packets``/``dropped_bytes``: totals over reasons.
@@ -146,6 +147,12 @@ class Pipe:
         self.held_bytes -= size
         self.passed_packets += 1
         self.passed_bytes += size
+
+    def refuse(self, drop: Drop, size: int) -> None:
+        """Count a packet that an inspection stage (firewall, mtu) dropped before ``decide``."""
+        self.packets += 1
+        self.bytes += size
+        self.count_drop(drop, size)
 
     def count_drop(self, drop: Drop, size: int, *, held: bool = False) -> None:
         """Count a drop decided by this pipe or by another stage ("firewall", "mtu", ...).

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from interceptor.compiled import NS_PER_MS, PASSTHROUGH, DirectionSkin, GilbertElliott
-from interceptor.engine import ACCEPT, DROP_LOSS, DROP_QUEUE, Accept, Drop, Hold, Pipe
+from interceptor.engine import ACCEPT, DROP_FIREWALL, DROP_LOSS, DROP_QUEUE, Accept, Drop, Hold, Pipe
 
 
 def never_called() -> float:
@@ -221,3 +221,10 @@ def test_any_swap_keeps_order_and_never_departs_before_arrival(gaps, old, new, s
             departures.append(dep)
     assert departures == sorted(departures)
     assert pipe.packets == pipe.passed_packets + pipe.dropped_packets + pipe.held_packets
+
+
+def test_a_packet_refused_before_decide_counts_as_seen_and_dropped():
+    pipe = Pipe()
+    pipe.refuse(DROP_FIREWALL, 100)
+    assert (pipe.packets, pipe.bytes, pipe.dropped_packets, pipe.drops["firewall"]) == (1, 100, 1, 1)
+    assert pipe.passed_packets + pipe.dropped_packets == pipe.packets
