@@ -21,6 +21,7 @@ import pytest
 from interceptor.profiles import load_profile, profile_dirs
 from manager import measure
 from manager.process import DaemonProcess
+from tests.e2e.netns_helpers import ready_script
 from tests.e2e.test_manager_e2e import netskin, write_skin
 
 pytestmark = pytest.mark.e2e
@@ -65,13 +66,8 @@ print(json.dumps(results))
 
 @pytest.fixture
 def listeners(lab):
-    proc = lab.popen("vm1", [sys.executable, "-c", LISTENER, *PORTS], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
+    with ready_script(lab, "vm1", LISTENER, *PORTS):
         yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def connect_from_inet(lab, ports=PORTS) -> dict[int, dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import socket
 import subprocess
 import time
@@ -20,42 +19,11 @@ import pytest
 from interceptor import identity
 from interceptor.identity import IdentityError, Original
 from interceptor.schema import VmConfig
+from tests.e2e.netns_helpers import in_netns
 
 pytestmark = pytest.mark.e2e
 
 NEW_MAC = "02:aa:bb:cc:dd:01"
-
-
-def in_netns(ns: str, fn, *args, **kwargs):
-    """Run fn(*args, **kwargs) in a forked child inside network namespace ns; return or raise its result."""
-    from pyroute2 import netns
-
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        try:
-            os.close(read_fd)
-            try:
-                netns.setns(ns, flags=0)
-                outcome = ("ok", fn(*args, **kwargs))
-            except BaseException as exc:  # noqa: BLE001 - handed to the parent as is
-                outcome = ("error", exc)
-            try:
-                data = pickle.dumps(outcome)
-            except Exception as exc:  # noqa: BLE001
-                data = pickle.dumps(("error", RuntimeError(f"unpicklable outcome {outcome!r}: {exc}")))
-            with os.fdopen(write_fd, "wb") as pipe:
-                pipe.write(data)
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    kind, value = pickle.loads(data)
-    if kind == "error":
-        raise value
-    return value
 
 
 def ip_json(ns: str, *argv: str):

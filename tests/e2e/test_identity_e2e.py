@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 import pytest
 
 from manager import measure
 from manager.process import DaemonProcess
+from tests.e2e.netns_helpers import ready_script
 from tests.e2e.test_manager_e2e import netskin, write_skin
 
 pytestmark = pytest.mark.e2e
@@ -67,14 +67,8 @@ WHO_PORT = 9100
 
 @pytest.fixture
 def who_am_i(lab):
-    proc = lab.popen("inet", [sys.executable, "-c", WHO_AM_I, lab.inet_address, WHO_PORT],
-                     stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
+    with ready_script(lab, "inet", WHO_AM_I, lab.inet_address, WHO_PORT):
         yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def seen_from_inet(lab, size: int = 1000) -> tuple[str, str, int]:

@@ -8,50 +8,18 @@ are checked with traffic between the lab's namespaces and with ``iptables-save``
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 
 import pytest
 
 from interceptor import nat
 from interceptor.nat import NatPlan
+from tests.e2e.netns_helpers import in_netns
 
 pytestmark = pytest.mark.e2e
 
 SKIN_ADDRESS = "10.77.100.1"
 PORT = 9100  # a receiver of our own in the inet namespace reports the peer address it sees
-
-
-def in_netns(ns: str, fn, *args, **kwargs):
-    """Run fn(*args, **kwargs) in a forked child inside network namespace ns; return or raise its result."""
-    from pyroute2 import netns
-
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        try:
-            os.close(read_fd)
-            try:
-                netns.setns(ns, flags=0)
-                outcome = ("ok", fn(*args, **kwargs))
-            except BaseException as exc:  # noqa: BLE001 - handed to the parent as is
-                outcome = ("error", exc)
-            try:
-                data = pickle.dumps(outcome)
-            except Exception as exc:  # noqa: BLE001
-                data = pickle.dumps(("error", RuntimeError(f"unpicklable outcome {outcome!r}: {exc}")))
-            with os.fdopen(write_fd, "wb") as pipe:
-                pipe.write(data)
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    kind, value = pickle.loads(data)
-    if kind == "error":
-        raise value
-    return value
 
 
 @pytest.fixture
