@@ -152,11 +152,17 @@ def test_exec_lines_use_the_installed_tools_with_the_default_config():
 def test_interceptor_unit_matches_the_daemon_and_its_defaults():
     unit = parse_unit(SYSTEMD / "netskin-interceptor.service")["Service"]
     defaults = HostConfig()
-    assert unit["Type"] == ["exec"]  # the daemon has no sd_notify
+    # Ready only when the daemon says so (READY=1 once rules, queues and skins are in force), and
+    # only the daemon itself may say it; its event loop feeds the watchdog.
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] == ["main"]
+    assert unit["WatchdogSec"] == ["10s"]
     assert unit["ExecStart"] == [f"{INSTALLED_BIN}/netskin-interceptor --config {DEFAULT_CONFIG_PATH}"]
-    assert unit["ExecStopPost"] == [f"{INSTALLED_BIN}/netskin-interceptor --config {DEFAULT_CONFIG_PATH} --cleanup"]
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert unit["Restart"] == ["on-failure"]
+    # SIGTERM to the daemon alone (it removes its rules itself on a clean stop), not to the
+    # iptables-restore it may be running.
+    assert unit["KillMode"] == ["mixed"]
     # Directories systemd creates for the daemon are the host configuration's defaults.
     assert Path("/var/lib") / unit["StateDirectory"][0] == defaults.state_dir
     assert Path("/run") / unit["RuntimeDirectory"][0] == defaults.control_socket.parent
@@ -168,6 +174,21 @@ def test_interceptor_unit_matches_the_daemon_and_its_defaults():
                        ("LockPersonality", "yes"), ("SystemCallArchitectures", "native")):
         assert unit[key] == [value], key
     assert set(unit["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"}
+
+
+def test_no_unit_removes_the_rules_behind_the_daemons_back():
+    """fail_mode holds after a crash, during a restart and after systemd gave up: no Exec line
+    runs --cleanup (the old ExecStopPost=--cleanup ran after crashes too, so a crashed "closed"
+    host passed VM traffic unfiltered). Only the daemon, on SIGTERM, or the administrator does."""
+    for unit in UNITS:
+        service = parse_unit(unit).get("Service", {})
+        for key, lines in service.items():
+            if key.startswith("Exec"):
+                for line in lines:
+                    assert "--cleanup" not in line, f"{unit.name}: {key}={line}"
+                    assert "iptables" not in line, f"{unit.name}: {key}={line}"
+    interceptor = parse_unit(SYSTEMD / "netskin-interceptor.service")["Service"]
+    assert "ExecStopPost" not in interceptor and "ExecStop" not in interceptor
 
 
 def test_skins_path_watches_the_default_skins_dir_and_reloads():
