@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the engine imports this module; only type names are needed from it
     from interceptor.engine.dns import CompiledDns
-    from interceptor.engine.firewall import CompiledProfile
+    from interceptor.profiles import CompiledProfile
 
 NS_PER_MS = 1_000_000
 
@@ -67,7 +67,7 @@ class CompiledSkin:
     downlink: DirectionSkin = PASSTHROUGH
     qos_weight: int = 5  # qos_priority 1..10
     security_profile: str | None = None
-    firewall: CompiledProfile | None = None  # the profile, resolved from rules/ by the daemon
+    firewall: CompiledProfile | None = None  # the profile, resolved by the daemon; enforced in the kernel
     dns_servers: tuple[str, ...] = ()
     dns: CompiledDns | None = None  # answer rewriting, blocking and delay
     ip_address: str | None = None

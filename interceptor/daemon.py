@@ -1,9 +1,12 @@
 """netskin-interceptor: the daemon that enforces every VM's skin.
 
 Start-up order matters: compile every VM's assigned skin, bind the queues, then install the
-netfilter rules, so the first packet a VM sends already meets its skin. Shutdown reverses it:
-rules out first (no new packets queue), held packets verdicted, queues unbound. All tasks live
-in one trio nursery; SIGINT/SIGTERM cancel it, SIGHUP rescans the skin library.
+netfilter rules, so the first packet a VM sends already meets its skin; only then does it tell
+systemd it is ready. Shutdown (SIGINT/SIGTERM) takes the steering out first (no new packets
+queue), verdicts held packets and unbinds the queues; firewall chains stay, so profiles hold while
+the daemon is down. All tasks live in one trio nursery. The trio thread never blocks on files,
+netlink or iptables: library scans, state writes, rule changes and identity reconciliation run in
+worker threads, and their results are applied on the trio thread.
 """
 
 from __future__ import annotations
@@ -22,20 +25,22 @@ from pathlib import Path
 
 import trio
 
-from interceptor import control, identity, nat, rules
+from interceptor import control, identity, nat, reconcile, rules, sdnotify
 from interceptor.assignments import Assignment, AssignmentStore, SkinCopy
 from interceptor.compiled import NO_SKIN, CompiledSkin
 from interceptor.library import Entry, SkinLibrary
 from interceptor.profiles import load_profile, profile_dirs
 from interceptor.schema import ConfigError, HostConfig, SkinError, UserError, compile_document, load_host_config
-from interceptor.shell import Shell, VmPath
+from interceptor.shell import Shell
 
 log = logging.getLogger("netskin.daemon")
 
 RESCAN_INTERVAL_S = 0.5
 DNS_PROBE_INTERVAL_S = 2.0
-FLOW_EXPIRY_POLLS = 10  # every 5 s
 DNS_PROBE_TIMEOUT_S = 1.0
+RULES_TIMEOUT_S = 10.0
+FIREWALL_COUNTERS_MAX_AGE_S = 0.5
+FAULT_INJECTION_ENV = "NETSKIN_FAULT_INJECTION"  # "1": the control socket takes "fault" (tests)
 
 
 class Daemon:
@@ -43,32 +48,37 @@ class Daemon:
         self.config = config
         self.store = AssignmentStore(Path(config.state_dir))
         self.library = SkinLibrary.for_config(config)
-        self.shell = Shell(fail_open=config.fail_mode == "open", host_uplink_kbps=config.host_uplink_kbps)
+        self.shell = Shell(fail_open=config.fail_mode == "open", host_uplink_kbps=config.host_uplink_kbps,
+                           max_held=config.max_held_packets,
+                           fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
         self.assignments: dict[str, Assignment] = {}
+        self.previous: dict[str, Assignment] = {}  # vm → what was in force before its generation
         self.profile_dirs = profile_dirs(config.rules_dir)
         self._library_stamp = None
         self._cancel: trio.CancelScope | None = None
-        # Identity (MAC, MTU, ip_address, DNS redirection) is kernel state the daemon keeps in
-        # line with each VM's skin. Changing it takes netlink and iptables round trips, so it runs
-        # in a worker thread, one change at a time, while the data path keeps going.
+        self._nursery: trio.Nursery | None = None
+        self._locks: dict[str, trio.Lock] = {}  # one change at a time per VM
+        # Identity (MAC, MTU, ip_address, DNS redirection) is kernel state kept in line with each
+        # VM's skin in a worker thread, one job at a time, from a snapshot (interceptor.reconcile).
         self._identity_lock = trio.Lock()
         self._identity_pending: set[str] = set()
         self.identity_problems: dict[str, list[str]] = {}
         self.identity_state: dict[str, dict] = {}
         self._claims: dict[str, str] = {}  # vm → the skin address claimed on the host for it
-        self._nat_plans: list | None = None
+        self._nat_installed: tuple | None = None
         self.dns_targets: dict[str, dict[int, str | None]] = {}  # vm → {4: server, 6: server}
         self._dns_alive: dict[str, dict[str, bool]] = {}  # vm → server → answered the last probe
-        self._nursery: trio.Nursery | None = None
+        self._firewall_counters: dict = {}
+        self._firewall_counters_at = 0.0
+        self._steering_installed = False
 
-    # -- start-up -----------------------------------------------------------------------------
+    # -- start-up (before the data path runs: blocking is fine here) ----------------------------
 
     def prepare(self) -> None:
-        """Compile every VM's skin and bind its queues (before any rule steers traffic)."""
+        """Compile every VM's skin, bind its queues and bring its identity in line."""
         self._library_stamp = self.library.stamp()
         for index, (name, vm) in enumerate(self.config.vms.items()):
             up, down = self.config.queue_numbers(index)
-            path = VmPath(name=name, index=index, interface=vm.interface, uplink_queue=up, downlink_queue=down)
             assignment = self.store.load(name)
             if assignment is None:
                 assignment = Assignment(vm=name)
@@ -80,18 +90,20 @@ class Daemon:
                     except UserError as exc:
                         log.error("vm %s: configured skin not applied: %s", name, exc)
             self.assignments[name] = assignment
+            self._locks[name] = trio.Lock()
             try:
                 compiled = self._compile(assignment.active)
             except UserError as exc:
                 log.error("vm %s: skin %r cannot be compiled (%s); running it without a skin", name,
                           assignment.active.name if assignment.active else None, "; ".join(exc.lines))
                 compiled = NO_SKIN
-            path.set_skin(compiled, assignment.generation)
-            self.shell.add_vm(path)
+            self.shell.add_vm(name, vm.interface, up, down)
+            self.shell.set_skin(name, compiled, assignment.generation)
             self._capture_original(name)
-            self.sync_identity(name)
-            log.info("vm %s: queues %d/%d, skin %r generation %d", name, up, down,
-                     path.skin.name, assignment.generation)
+            self._pick_dns_targets(name)
+            self._apply_identity(name, reconcile.reconcile(self._identity_job(name)))
+            log.info("vm %s: queues %d/%d, skin %r generation %d", name, up, down, compiled.name,
+                     assignment.generation)
 
     def _copy(self, name: str) -> SkinCopy:
         """A copy of the library's valid skin ``name`` (``UserError`` if unknown or invalid)."""
@@ -109,8 +121,6 @@ class Daemon:
             compiled = replace(compiled, firewall=load_profile(compiled.security_profile, self.profile_dirs))
         return compiled
 
-    # -- identity -----------------------------------------------------------------------------
-
     def _capture_original(self, vm: str) -> None:
         """Before a VM's first skin: record its address, MAC, MTU and resolvers as the host sees them."""
         assignment = self.assignments[vm]
@@ -124,24 +134,55 @@ class Daemon:
         self.store.save(assignment)
         log.info("vm %s: original configuration captured: %s", vm, assignment.original)
 
-    def _wanted_identity(self, vm: str) -> dict:
-        """The identity ``vm`` should have now: its skin's fields, else its original ones."""
-        skin = self.shell.paths[vm].skin
-        original = self.assignments[vm].original or {}
-        return {
-            "mac": skin.mac_address or original.get("mac"),
-            "mtu": skin.mtu or original.get("mtu"),
-            "host_mtu": skin.mtu or original.get("host_mtu"),
-            "ip_address": skin.ip_address,
-            "dns_servers": list(skin.dns_servers),
-        }
+    def _vm_rules(self, vm: str) -> rules.VmRules:
+        up, down = self.shell.queues[vm]
+        return rules.VmRules(name=vm, interface=self.config.vms[vm].interface, uplink_queue=up,
+                             downlink_queue=down, profile=self.shell.paths[vm].skin.firewall)
 
-    def _nat_plan(self, vm: str) -> nat.NatPlan:
+    def install_rules(self) -> None:
+        rules.install([self._vm_rules(vm) for vm in self.shell.paths], fail_open=self.config.fail_mode == "open",
+                      timeout_s=RULES_TIMEOUT_S)
+        self._steering_installed = True
+
+    # -- identity -----------------------------------------------------------------------------
+
+    def _nat_plan(self, vm: str, skin: CompiledSkin) -> nat.NatPlan:
         config = self.config.vms[vm]
         targets = self.dns_targets.get(vm, {})
         return nat.NatPlan(vm=vm, interface=config.interface, address=config.address, address6=config.address6,
-                           ip_address=self.shell.paths[vm].skin.ip_address, dns4=targets.get(4),
-                           dns6=targets.get(6))
+                           ip_address=skin.ip_address, dns4=targets.get(4), dns6=targets.get(6))
+
+    def _identity_job(self, vm: str) -> reconcile.IdentityJob:
+        """A snapshot of everything ``reconcile`` needs: the worker reads nothing else."""
+        plans = tuple(plan for plan in (self._nat_plan(name, path.skin) for name, path in self.shell.paths.items())
+                      if plan.ip_address or plan.dns4 or plan.dns6)
+        return reconcile.IdentityJob(
+            vm=vm, config=self.config.vms[vm], skin=self.shell.paths[vm].skin,
+            original=self.assignments[vm].original, claimed=self._claims.get(vm), nat_wanted=plans,
+            nat_installed=self._nat_installed, dns_targets=dict(self.dns_targets.get(vm, {})))
+
+    def _apply_identity(self, vm: str, result: reconcile.IdentityResult) -> None:
+        if result.claimed is None:
+            self._claims.pop(vm, None)
+        else:
+            self._claims[vm] = result.claimed
+        self._nat_installed = result.nat_installed
+        self.identity_state[vm] = result.state
+        self.identity_problems[vm] = result.problems
+        if result.problems:
+            log.error("vm %s: identity: %s", vm, "; ".join(result.problems))
+
+    async def _sync_identity(self, vm: str) -> list[str]:
+        """Bring ``vm``'s identity in line with its skin in a worker thread; its problems."""
+        self._identity_pending.add(vm)
+        try:
+            async with self._identity_lock:
+                job = self._identity_job(vm)
+                result = await trio.to_thread.run_sync(reconcile.reconcile, job)
+                self._apply_identity(vm, result)
+                return list(result.problems)
+        finally:
+            self._identity_pending.discard(vm)
 
     def _pick_dns_targets(self, vm: str) -> None:
         """The first configured server of each address family (the DNS watcher moves past dead ones)."""
@@ -154,131 +195,18 @@ class Daemon:
             targets[version] = (answering or family or [None])[0]
         self.dns_targets[vm] = targets
 
-    def sync_identity(self, vm: str) -> None:
-        """Bring ``vm``'s MAC, MTU, NAT and address claim in line with its skin (blocking)."""
-        vm_config = self.config.vms[vm]
-        skin = self.shell.paths[vm].skin
-        original = self.assignments[vm].original
-        wanted = self._wanted_identity(vm)
-        problems: list[str] = []
-        unset: list[str] = []
-        state: dict = {"asked": wanted, "unset": unset}
-        original_obj = identity.Original.from_json(original) if original else None
-        current = {}
-        if original_obj is not None:
-            try:
-                current = identity.read(vm_config, original_obj, vm_name=vm)
-            except identity.IdentityError as exc:
-                problems.append(f"identity not readable: {exc}")
-        setters = {
-            "mac": lambda mac: identity.set_mac(vm_config, mac, vm_name=vm),
-            "mtu": lambda mtu: identity.set_mtu(vm_config, mtu, original_obj, vm_name=vm),
-        }
-        # Without a netns the host only sees the VM's MAC in its neighbour table; it never sets it
-        # unless a skin asks (and then fails verification, unless the skin made it optional).
-        if vm_config.netns is None and skin.mac_address is None:
-            wanted["mac"] = None
-        failed: set[str] = set()
-        differs = [key for key in ("mac", "mtu", "host_mtu") if wanted[key] is not None
-                   and current.get(key) != wanted[key]]
-        if differs and skin.mac_address is None and skin.mtu is None and original_obj is not None:
-            # Back to the original (revert, or a skin without identity): restore() puts each end
-            # back as it was, even where the VM's and the host's MTUs differed.
-            try:
-                identity.restore(vm_config, original_obj, vm_name=vm)
-            except identity.IdentityError as exc:
-                problems.append(f"original identity not restored: {exc}")
-            differs = []
-        for field, key in (("mac_address", "mac"), ("mtu", "mtu")):
-            want = wanted[key]
-            if want is None or (key not in differs and (key != "mtu" or "host_mtu" not in differs)):
-                continue
-            try:
-                setters[key](want)
-            except identity.IdentityError as exc:
-                failed.add(key)
-                if getattr(skin, field) is not None and field in skin.optional:
-                    unset.append(f"{field}: {exc}")
-                else:
-                    problems.append(f"{field} {want} not set: {exc}")
-        self._pick_dns_targets(vm)
-        # The skin's address: peers must be able to reach it, then NAT maps it to the VM.
-        claimed = self._claims.get(vm)
-        if claimed is not None and claimed != skin.ip_address:
-            try:
-                identity.release_address(claimed, vm_config, vm_name=vm)
-                del self._claims[vm]
-            except identity.IdentityError as exc:
-                problems.append(f"ip_address {claimed} not released: {exc}")
-        if skin.ip_address is not None and vm not in self._claims:
-            try:
-                identity.claim_address(skin.ip_address, vm_config, vm_name=vm)
-                self._claims[vm] = skin.ip_address
-            except identity.IdentityError as exc:
-                problems.append(f"ip_address {skin.ip_address} not claimed: {exc}")
-        # Only VMs that need translation get rules; with none, no nat chains exist at all (and
-        # the kernel does not start tracking connections for netskin's sake).
-        plans = [plan for plan in (self._nat_plan(name) for name in self.shell.paths)
-                 if plan.ip_address or plan.dns4 or plan.dns6]
-        if plans != self._nat_plans:
-            try:
-                if plans:
-                    nat.install_nat(plans)
-                else:
-                    nat.remove_nat()  # also what a crashed run left behind
-                self._nat_plans = plans
-            except (rules.RulesError, ValueError) as exc:
-                problems.append(f"NAT rules not installed: {exc}")
-        if original_obj is not None:
-            try:
-                current = identity.read(vm_config, original_obj, vm_name=vm)
-            except identity.IdentityError as exc:
-                problems.append(f"identity not readable: {exc}")
-        for key in ("mac", "mtu", "host_mtu"):
-            if wanted[key] is not None and key in current and current[key] != wanted[key] \
-                    and key not in failed and (key != "host_mtu" or "mtu" not in failed):
-                problems.append(f"{key} reads back {current[key]!r}, asked {wanted[key]!r}")
-        nat_plan = self._nat_plan(vm)
-        state.update(current=current, nat={"ip_address": nat_plan.ip_address, "dns4": nat_plan.dns4,
-                                           "dns6": nat_plan.dns6})
-        self.identity_state[vm] = state
-        self.identity_problems[vm] = problems
-        if problems:
-            log.error("vm %s: identity: %s", vm, "; ".join(problems))
-
-    async def _sync_identity_soon(self, vm: str) -> None:
-        self._identity_pending.add(vm)
-        try:
-            async with self._identity_lock:
-                await trio.to_thread.run_sync(self.sync_identity, vm)
-        finally:
-            self._identity_pending.discard(vm)
-
-    def _release_identity(self) -> None:
-        """On exit: remove the NAT rules and the address claims the daemon owns."""
-        for vm, address in self._claims.items():
-            try:
-                identity.release_address(address, self.config.vms[vm], vm_name=vm)
-            except identity.IdentityError as exc:
-                log.error("vm %s: could not release %s: %s", vm, address, exc)
-        self._claims.clear()
-        nat.remove_nat()
-
-    def install_rules(self) -> None:
-        queues = [
-            rules.VmQueues(p.interface, p.uplink_queue, p.downlink_queue) for p in self.shell.paths.values()
-        ]
-        rules.install(queues, fail_open=self.config.fail_mode == "open")
+    # -- running ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.prepare()
-        self.install_rules()
-        # Everything allocated so far lives for the daemon's lifetime: move it out of the
-        # collector's sight so full collections stay short on the hot path.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
+        started = False
         try:
+            self.prepare()
+            self.install_rules()
+            # Everything allocated so far lives for the daemon's lifetime: move it out of the
+            # collector's sight so full collections stay short on the hot path.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(50_000, 50, 100)
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 self._nursery = nursery
@@ -287,82 +215,169 @@ class Daemon:
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._watch_library)
                 nursery.start_soon(self._watch_dns_servers)
+                nursery.start_soon(self._watchdog)
+                started = True
+                sdnotify.notify("READY=1", f"STATUS=enforcing skins on {len(self.shell.paths)} VM(s), "
+                                           f"fail_mode={self.config.fail_mode}")
                 log.info("netskin-interceptor ready: %d VM(s), fail_mode=%s", len(self.shell.paths),
                          self.config.fail_mode)
         finally:
-            self.shutdown()
+            self.shutdown(started)
 
-    def shutdown(self) -> None:
+    def shutdown(self, started: bool = True) -> None:
+        """Stop cleanly: steering out, NAT and address claims released, held packets verdicted.
+
+        Firewall chains stay in the kernel, so a profile holds while the daemon is stopped or
+        restarting (``--cleanup`` removes them). After a failed start the steering that a crashed
+        run or this one left stays as it is (``fail_mode`` keeps its meaning); NAT chains and
+        address claims are released either way.
+        """
+        sdnotify.notify("STOPPING=1")
         try:
-            rules.remove()
+            if started:
+                rules.remove_steering(timeout_s=RULES_TIMEOUT_S)
             self._release_identity()
+        except Exception:  # noqa: BLE001 - the held packets below must be verdicted regardless
+            log.exception("cleaning up after the data path failed")
         finally:
             released = self.shell.release_all()
             self.shell.close()
-            log.info("netskin-interceptor stopped: rules removed, %d held packet(s) released", released)
+            log.info("netskin-interceptor stopped: steering removed, %d held packet(s) released", released)
+
+    def _release_identity(self) -> None:
+        """Remove the NAT rules and the address claims the daemon owns."""
+        for vm, address in self._claims.items():
+            try:
+                identity.release_address(address, self.config.vms[vm], vm_name=vm)
+            except identity.IdentityError as exc:
+                log.error("vm %s: could not release %s: %s", vm, address, exc)
+        self._claims.clear()
+        nat.remove_nat()
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: rescanning the skin library")
-                    self.rescan()
+                    await self.rescan()
                 else:
                     log.info("%s: stopping", signal.Signals(signum).name)
                     self._cancel.cancel()
                     return
 
-    # -- skins --------------------------------------------------------------------------------
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the data path's own event loop: if it wedges, systemd restarts it."""
+        interval = sdnotify.watchdog_interval_s()
+        if not interval:
+            return
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await trio.sleep(interval / 2)
 
-    def _path(self, vm: str) -> VmPath:
-        try:
-            return self.shell.paths[vm]
-        except KeyError:
-            known = ", ".join(self.shell.paths) or "none"
-            raise control.ControlError(
-                f"unknown VM '{vm}' (configured VMs: {known}); add it under [vms.{vm}] in the host config"
-            ) from None
+    # -- changing a VM's skin -----------------------------------------------------------------
 
-    def _enforce(self, vm: str, assignment: Assignment) -> None:
+    def _vm(self, vm: str | None) -> str:
+        if vm in self.shell.paths:
+            return vm
+        known = ", ".join(self.shell.paths) or "none"
+        raise control.ControlError(
+            f"unknown VM '{vm}' (configured VMs: {known}); add it under [vms.{vm}] in the host config")
+
+    async def _enforce(self, vm: str, assignment: Assignment, compiled: CompiledSkin) -> None:
         """Persist, then swap: a crash in between re-applies the persisted state on restart."""
-        compiled = self._compile(assignment.active)
-        self.store.save(assignment)
+        await trio.to_thread.run_sync(self.store.save, assignment)
+        path = self.shell.paths[vm]
+        if compiled.firewall != path.skin.firewall:
+            up, down = self.shell.queues[vm]
+            vm_rules = rules.VmRules(name=vm, interface=self.config.vms[vm].interface, uplink_queue=up,
+                                     downlink_queue=down, profile=compiled.firewall)
+            await trio.to_thread.run_sync(lambda: rules.set_profile(vm_rules, timeout_s=RULES_TIMEOUT_S))
+            self._firewall_counters_at = 0.0
         self.assignments[vm] = assignment
-        self._path(vm).set_skin(compiled, assignment.generation)
+        self.shell.set_skin(vm, compiled, assignment.generation)
+        self._pick_dns_targets(vm)
         log.info("vm %s: skin %r generation %d (shadow %r)", vm, compiled.name, assignment.generation,
                  assignment.shadow.name if assignment.shadow else None)
 
-    def apply(self, vm: str, copy: SkinCopy) -> Assignment:
-        self._path(vm)
-        old = self.assignments[vm]
-        self._compile(copy)  # refuse before touching anything
-        new = Assignment(vm=vm, active=copy, shadow=old.active, generation=old.generation + 1,
-                         original=old.original, identity=old.identity)
-        self._enforce(vm, new)
-        return new
+    async def _change(self, vm: str, make, *, undo_on_failure: bool) -> Assignment:
+        """Swap ``vm`` to ``make(current assignment)`` and bring its identity in line.
 
-    def rollback(self, vm: str) -> Assignment:
-        self._path(vm)
-        old = self.assignments[vm]
-        if old.shadow is None:
+        ``undo_on_failure`` (apply): refuse at once what the host knows it cannot set, and if
+        identity fails later, put back the previous assignment exactly (active and shadow).
+        """
+        async with self._locks[vm]:
+            old = self.assignments[vm]
+            new = make(old)
+            try:
+                compiled = await trio.to_thread.run_sync(self._compile, new.active)
+            except UserError as exc:
+                raise control.ControlError("; ".join(exc.lines)) from None
+            if undo_on_failure:
+                reasons = reconcile.cannot_enforce(self.config.vms[vm], compiled)
+                if reasons:
+                    raise self._refusal(vm, f"{compiled.name} cannot be applied to {vm}, nothing changed: "
+                                            + "; ".join(reasons))
+            await self._enforce(vm, new, compiled)
+            problems = await self._sync_identity(vm)
+            if problems and undo_on_failure:
+                back = replace(new, active=old.active, shadow=old.shadow, generation=new.generation + 1,
+                               reload_error=old.reload_error)
+                await self._enforce(vm, back, await trio.to_thread.run_sync(self._compile, back.active))
+                await self._sync_identity(vm)
+                self.previous[vm] = old
+                raise self._refusal(vm, f"{compiled.name} not enforced on {vm} ({'; '.join(problems)}); "
+                                        f"put back {repr(old.active.name) if old.active else 'no skin'}")
+            self.previous[vm] = old
+            return new
+
+    def _refusal(self, vm: str, message: str) -> control.ControlError:
+        error = control.ControlError(message, 3)
+        error.vms = self.status(vm)
+        return error
+
+    async def apply(self, vm: str, copy: SkinCopy) -> Assignment:
+        def make(old: Assignment) -> Assignment:
+            return Assignment(vm=vm, active=copy, shadow=old.active, generation=old.generation + 1,
+                              original=old.original, identity=old.identity)
+
+        return await self._change(vm, make, undo_on_failure=True)
+
+    async def rollback(self, vm: str) -> Assignment:
+        if self.assignments[vm].shadow is None:
             raise control.ControlError(f"VM '{vm}' has no shadow skin to roll back to; apply a skin first")
-        new = Assignment(vm=vm, active=old.shadow, shadow=old.active, generation=old.generation + 1,
-                         original=old.original, identity=old.identity)
-        self._enforce(vm, new)
-        return new
 
-    def revert(self, vm: str) -> Assignment:
-        self._path(vm)
-        old = self.assignments[vm]
-        new = Assignment(vm=vm, active=None, shadow=old.active or old.shadow,
-                         generation=old.generation + 1, original=old.original)
-        self._enforce(vm, new)
-        return new
+        def make(old: Assignment) -> Assignment:
+            return Assignment(vm=vm, active=old.shadow, shadow=old.active, generation=old.generation + 1,
+                              original=old.original, identity=old.identity)
 
-    def rescan(self) -> None:
+        return await self._change(vm, make, undo_on_failure=False)
+
+    async def revert(self, vm: str) -> Assignment:
+        def make(old: Assignment) -> Assignment:
+            return Assignment(vm=vm, active=None, shadow=old.active or old.shadow,
+                              generation=old.generation + 1, original=old.original)
+
+        return await self._change(vm, make, undo_on_failure=False)
+
+    async def restore(self, vm: str, generation: int) -> Assignment:
+        """Put back what was in force before ``generation`` (the manager could not verify it)."""
+        current = self.assignments[vm]
+        before = self.previous.get(vm)
+        if current.generation != generation or before is None:
+            raise control.ControlError(
+                f"VM '{vm}' is at generation {current.generation}, not {generation}: nothing restored")
+
+        def make(old: Assignment) -> Assignment:
+            return replace(old, active=before.active, shadow=before.shadow, generation=old.generation + 1,
+                           reload_error=before.reload_error)
+
+        return await self._change(vm, make, undo_on_failure=False)
+
+    async def rescan(self) -> None:
         """Re-apply active skins whose drop-in file changed; keep the last good one on error."""
-        entries: dict[str, Entry] = {entry.name: entry for entry in self.library.entries()}
-        for vm, assignment in self.assignments.items():
+        entries: dict[str, Entry] = {
+            entry.name: entry for entry in await trio.to_thread.run_sync(self.library.entries)}
+        for vm, assignment in list(self.assignments.items()):
             active = assignment.active
             if active is None:
                 continue
@@ -380,33 +395,31 @@ class Daemon:
                               vm, active.name, error)
                 continue
             if entry.document != active.document:
+                copy = SkinCopy(entry.name, entry.document, str(entry.path))
+
+                def make(old: Assignment, copy: SkinCopy = copy) -> Assignment:
+                    return Assignment(vm=old.vm, active=copy, shadow=old.active, generation=old.generation + 1,
+                                      original=old.original, identity=old.identity)
+
                 try:
-                    self.apply(vm, SkinCopy(entry.name, entry.document, str(entry.path)))
-                except UserError as exc:  # e.g. its security profile does not exist
-                    assignment.reload_error = "; ".join(exc.lines)
-                    log.error("vm %s: skin %r not reloaded: %s", vm, active.name, assignment.reload_error)
+                    await self._change(vm, make, undo_on_failure=False)
+                except control.ControlError as exc:  # e.g. its security profile does not exist
+                    self.assignments[vm].reload_error = str(exc)
+                    log.error("vm %s: skin %r not reloaded: %s", vm, active.name, exc)
                     continue
-                if self._nursery is not None:
-                    self._nursery.start_soon(self._sync_identity_soon, vm)
                 log.info("vm %s: skin %r reloaded from %s", vm, entry.name, entry.path)
             elif assignment.reload_error:
                 assignment.reload_error = None
 
     async def _watch_library(self) -> None:
-        # Polling the directory's stamp twice a second is cheap, needs no inotify binding and
-        # also catches edits made through bind mounts or network filesystems.
-        polls = 0
+        # Polling the directory's stamp twice a second needs no inotify binding and also catches
+        # edits made through bind mounts or network filesystems. The scan runs in a thread.
         while True:
             await trio.sleep(RESCAN_INTERVAL_S)
-            polls += 1
-            if polls % FLOW_EXPIRY_POLLS == 0:  # forget idle flows so status counts live ones
-                now = time.monotonic_ns()
-                for path in self.shell.paths.values():
-                    path.firewall.expire(now)
-            stamp = self.library.stamp()
+            stamp = await trio.to_thread.run_sync(self.library.stamp)
             if stamp != self._library_stamp:
                 self._library_stamp = stamp
-                self.rescan()
+                await self.rescan()
 
     # -- control requests ---------------------------------------------------------------------
 
@@ -414,23 +427,45 @@ class Daemon:
         cmd = request["cmd"]
         vm = request.get("vm")
         if cmd == "status":
+            if vm is not None:
+                self._vm(vm)
+            await self._refresh_firewall_counters()
             return {"vms": self.status(vm), "host": self.host_status()}
+        if cmd == "reload":
+            await self.rescan()
+            return {"vms": self.status(vm)}
+        vm = self._vm(vm)
         if cmd == "apply":
             try:
-                self.apply(vm, self._copy(request["skin"]))
+                copy = await trio.to_thread.run_sync(self._copy, request["skin"])
             except UserError as exc:
                 raise control.ControlError("; ".join(exc.lines)) from None
+            await self.apply(vm, copy)
         elif cmd == "rollback":
-            self.rollback(vm)
+            await self.rollback(vm)
         elif cmd == "revert":
-            self.revert(vm)
-        elif cmd == "reload":
-            self.rescan()
-            return {"vms": self.status(vm)}
+            await self.revert(vm)
+        elif cmd == "restore":
+            await self.restore(vm, int(request["generation"]))
+        elif cmd == "fault" and self.shell.fault_injection:
+            self.shell.faults[vm] = int(request.get("count", 1))
         else:
             raise control.ControlError(f"unknown command '{cmd}'")
-        await self._sync_identity_soon(vm)
+        await self._refresh_firewall_counters()
         return {"vms": self.status(vm)}
+
+    async def _refresh_firewall_counters(self) -> None:
+        if time.monotonic() - self._firewall_counters_at < FIREWALL_COUNTERS_MAX_AGE_S:
+            return
+        if not any(path.skin.firewall for path in self.shell.paths.values()):
+            self._firewall_counters = {}
+            return
+        try:
+            self._firewall_counters = await trio.to_thread.run_sync(
+                lambda: rules.firewall_counters(timeout_s=RULES_TIMEOUT_S))
+        except rules.RulesError as exc:
+            log.error("firewall counters not read: %s", exc)
+        self._firewall_counters_at = time.monotonic()
 
     def _verify_problems(self, vm: str) -> list[str]:
         """What keeps ``vm``'s skin from being wholly in force (the manager rolls back on any)."""
@@ -454,7 +489,7 @@ class Daemon:
                     if self.dns_targets[vm] != before:
                         log.warning("vm %s: DNS servers answering: %s; redirecting to %s", vm, alive,
                                     self.dns_targets[vm])
-                        await self._sync_identity_soon(vm)
+                        await self._sync_identity(vm)
             await trio.sleep(DNS_PROBE_INTERVAL_S)
 
     def host_status(self) -> dict:
@@ -463,16 +498,33 @@ class Daemon:
             "host_uplink_kbps": self.config.host_uplink_kbps,
             "shared_uplink": {str(k): v for k, v in link.snapshot().items()} if link else None,
             "held_packets": self.shell.held_packets,
+            "errors": sum(self.shell.errors.values()),
+        }
+
+    def _firewall_status(self, vm: str) -> dict:
+        profile = self.shell.paths[vm].skin.firewall
+        if profile is None:
+            return {"profile": None, "rules": [], "default_hits": {}}
+        counters = self._firewall_counters.get(vm) or {}
+        hits = {entry["rule"]: entry["hits"] for entry in counters.get("rules", [])}
+        return {
+            "profile": profile.name,
+            "default_in": profile.default_in,
+            "default_out": profile.default_out,
+            "rules": [{"rule": rule.description, "hits": hits.get(rule.description, 0)} for rule in profile.rules],
+            "default_hits": dict(counters.get("default_hits", {"in": 0, "out": 0})),
+            "enforced_by": "kernel",
         }
 
     def status(self, vm: str | None = None) -> dict:
-        names = [vm] if vm else list(self.shell.paths)
+        names = [self._vm(vm)] if vm else list(self.shell.paths)
         out = {}
         for name in names:
-            path = self._path(name)
+            path = self.shell.paths[name]
             a = self.assignments[name]
+            up, down = self.shell.queues[name]
             out[name] = {
-                "interface": path.interface,
+                "interface": self.shell.interfaces[name],
                 "active": a.active.name if a.active else None,
                 "shadow": a.shadow.name if a.shadow else None,
                 "generation": a.generation,
@@ -481,10 +533,11 @@ class Daemon:
                 "reload_error": a.reload_error,
                 "verify_problems": self._verify_problems(name),
                 "identity": self.identity_state.get(name),
-                "firewall": path.firewall.snapshot(),
+                "firewall": self._firewall_status(name),
                 "dns": dict(path.dns_answers),
                 "icmp_errors_sent": path.icmp_sent,
-                "queues": {"uplink": path.uplink_queue, "downlink": path.downlink_queue},
+                "errors": self.shell.errors.get(name, 0),
+                "queues": {"uplink": up, "downlink": down},
                 "uplink": path.uplink.snapshot(),
                 "downlink": path.downlink.snapshot(),
             }
@@ -510,6 +563,31 @@ async def _dns_answers(server: str) -> bool:
     return False
 
 
+def cleanup(config: HostConfig) -> list[str]:
+    """Remove everything netskin owns on this host: steering, firewall chains, NAT chains, and
+    the address claims (proxy ARP entries, /32 routes) of every VM's assigned skins."""
+    done = []
+    if rules.remove(timeout_s=RULES_TIMEOUT_S):
+        done.append("netfilter rules and firewall chains")
+    if nat.remove_nat():
+        done.append("NAT chains")
+    store = AssignmentStore(Path(config.state_dir))
+    for name, vm in config.vms.items():
+        assignment = store.load(name)
+        if assignment is None:
+            continue
+        for copy in (assignment.active, assignment.shadow):
+            address = copy.document.get("ip_address") if copy else None
+            if not address:
+                continue
+            try:
+                if identity.release_address(str(address), vm, vm_name=name):
+                    done.append(f"address claim {address} of {name}")
+            except (identity.IdentityError, ValueError) as exc:
+                log.error("vm %s: could not release %s: %s", name, address, exc)
+    return done
+
+
 def _enter_netns(name: str) -> None:
     from pyroute2 import netns
 
@@ -525,7 +603,8 @@ def _enter_netns(name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="netskin-interceptor", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=None, help="host configuration (TOML)")
-    parser.add_argument("--cleanup", action="store_true", help="remove netskin's netfilter rules and exit")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="remove everything netskin owns (rules, firewall chains, NAT, address claims) and exit")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -534,8 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.host_netns:
             _enter_netns(config.host_netns)
         if args.cleanup:
-            found = rules.remove()
-            print("netskin rules removed" if found else "no netskin rules were installed")
+            done = cleanup(config)
+            print("removed: " + ", ".join(done) if done else "nothing of netskin's was installed")
             return 0
         trio.run(Daemon(config).run)
     except UserError as exc:

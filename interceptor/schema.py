@@ -128,6 +128,9 @@ class HostConfig(_Strict):
     # NFQUEUE numbers are 16 bit; VM i (file order) uses queue_base + 2i (up) and + 2i + 1 (down).
     queue_base: Annotated[int, Field(ge=0, le=65_535, strict=True)] = 7700
     rules_dir: Path | None = None  # extra drop-in directory for firewall profiles
+    # Packets one VM may have held per direction (delay, rate queue); more are dropped as
+    # "overflow", so one VM's flood cannot exhaust memory or fill its kernel queue.
+    max_held_packets: Annotated[int, Field(ge=16, le=1_000_000, strict=True)] = 15_000
     vms: dict[str, VmConfig] = {}
 
     @field_validator("vms")

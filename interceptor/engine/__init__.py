@@ -4,7 +4,18 @@ Never reads a clock, never sleeps, never imports trio or netfilterqueue: the she
 ``now_ns`` and ``random`` in and turns decisions into verdicts. One file per pipeline stage.
 """
 
-from .decision import ACCEPT, DROP_FIREWALL, DROP_LOSS, DROP_MTU, DROP_QUEUE, Accept, Drop, Hold
+from .decision import (
+    ACCEPT,
+    DROP_ERROR,
+    DROP_FIREWALL,
+    DROP_LOSS,
+    DROP_MTU,
+    DROP_OVERFLOW,
+    DROP_QUEUE,
+    Accept,
+    Drop,
+    Hold,
+)
 from .delay import DelayLine, departure
 from .loss import LossState, lose
 from .pipe import Pipe
@@ -13,7 +24,9 @@ from .shaper import RateClock, backlog_ns, shape
 
 __all__ = [
     "ACCEPT",
+    "DROP_ERROR",
     "DROP_FIREWALL",
+    "DROP_OVERFLOW",
     "DROP_MTU",
     "DROP_LOSS",
     "DROP_QUEUE",

@@ -43,6 +43,8 @@ DROP_LOSS = Drop("loss")  # random or Gilbert-Elliott loss
 DROP_QUEUE = Drop("queue")  # tail drop behind the rate limit (or the shared uplink)
 DROP_FIREWALL = Drop("firewall")  # the security profile's drop or reject
 DROP_MTU = Drop("mtu")  # larger than the skin's MTU and not allowed to fragment
+DROP_OVERFLOW = Drop("overflow")  # the VM already has as many packets held as it may
+DROP_ERROR = Drop("error")  # handling the packet raised; dropped because fail_mode is "closed"
 
 
 class Hold:

@@ -14,7 +14,17 @@ from collections.abc import Callable
 
 from interceptor.compiled import PASSTHROUGH, DirectionSkin
 
-from .decision import ACCEPT, DROP_FIREWALL, DROP_LOSS, DROP_MTU, DROP_QUEUE, Accept, Drop, Hold
+from .decision import (
+    ACCEPT,
+    DROP_ERROR,
+    DROP_LOSS,
+    DROP_MTU,
+    DROP_OVERFLOW,
+    DROP_QUEUE,
+    Accept,
+    Drop,
+    Hold,
+)
 from .delay import DelayLine, departure
 from .loss import LossState, lose
 from .shaper import RateClock, shape
@@ -51,9 +61,10 @@ class Pipe:
         "held_packets",
         "held_bytes",
         "held_total",
+        "max_held",
     )
 
-    def __init__(self, skin: DirectionSkin = PASSTHROUGH) -> None:
+    def __init__(self, skin: DirectionSkin = PASSTHROUGH, max_held: int = 1 << 30) -> None:
         self.skin = skin
         self.loss = LossState()
         self.clock = RateClock()
@@ -62,12 +73,17 @@ class Pipe:
         self.bytes = 0
         self.passed_packets = 0
         self.passed_bytes = 0
-        self.drops: dict[str, int] = {d.reason: 0 for d in (DROP_LOSS, DROP_QUEUE, DROP_FIREWALL, DROP_MTU)}
+        self.drops: dict[str, int] = {
+            d.reason: 0 for d in (DROP_LOSS, DROP_QUEUE, DROP_MTU, DROP_OVERFLOW, DROP_ERROR)
+        }
         self.dropped_packets = 0
         self.dropped_bytes = 0
         self.held_packets = 0
         self.held_bytes = 0
         self.held_total = 0
+        # Packets this pipe may hold at once: one VM's flood must not exhaust memory or the
+        # kernel queue (whose overflow would bypass the daemon under fail_mode "open").
+        self.max_held = max_held
 
     @property
     def skin(self) -> DirectionSkin:
@@ -93,6 +109,9 @@ class Pipe:
             self.passed_packets += 1
             self.passed_bytes += size
             return ACCEPT
+        if self.held_packets >= self.max_held:
+            self.count_drop(DROP_OVERFLOW, size)
+            return DROP_OVERFLOW
         # The body of admit(), inlined: one method call less per packet (~10% of the full path).
         skin = self._skin
         if (skin.loss_probability or skin.gilbert_elliott is not None) and lose(skin, self.loss, random):
@@ -112,11 +131,29 @@ class Pipe:
         self.held_total += 1
         return Hold(departure_ns)
 
-    def admit(self, size: int, now_ns: int, random: Random) -> Drop | int:
+    def decide_as(self, skin: DirectionSkin, size: int, now_ns: int, random: Random) -> Accept | Drop | Hold:
+        """``decide`` under ``skin`` rather than the pipe's current one: for a packet admitted
+        under an earlier generation (a DNS answer held for its delay), which must be handled
+        wholly by the skin it was admitted under."""
+        current = self._skin
+        passthrough = self._passthrough
+        self._skin = skin
+        self._passthrough = skin.is_passthrough
+        try:
+            return self.decide(size, now_ns, random)
+        finally:
+            self._skin = current
+            self._passthrough = passthrough
+
+    def admit(self, size: int, now_ns: int, random: Random, skin: DirectionSkin | None = None) -> Drop | int:
         """Loss then rate: the packet's ready time (ns), or the ``Drop`` (counted here)."""
         self.packets += 1
         self.bytes += size
-        skin = self._skin
+        if self.held_packets >= self.max_held:
+            self.count_drop(DROP_OVERFLOW, size)
+            return DROP_OVERFLOW
+        if skin is None:
+            skin = self._skin
         if (skin.loss_probability or skin.gilbert_elliott is not None) and lose(skin, self.loss, random):
             self.count_drop(DROP_LOSS, size)
             return DROP_LOSS
@@ -126,9 +163,10 @@ class Pipe:
             return DROP_QUEUE
         return ready
 
-    def delay(self, ready_ns: int, random: Random) -> int:
-        """Departure time (ns) of a packet ready at ``ready_ns`` (updates the delay line only)."""
-        return departure(self._skin, self.line, ready_ns, random)
+    def delay(self, ready_ns: int, random: Random, skin: DirectionSkin | None = None) -> int:
+        """Departure time (ns) of a packet ready at ``ready_ns`` (updates the delay line only),
+        under ``skin`` (the one the packet was admitted under) or the current one."""
+        return departure(self._skin if skin is None else skin, self.line, ready_ns, random)
 
     def hold(self, size: int) -> None:
         """The shell holds a packet this pipe admitted (for the shared uplink stage)."""
@@ -149,13 +187,13 @@ class Pipe:
         self.passed_bytes += size
 
     def refuse(self, drop: Drop, size: int) -> None:
-        """Count a packet that an inspection stage (firewall, mtu) dropped before ``decide``."""
+        """Count a packet that an inspection stage (mtu) dropped before ``decide``."""
         self.packets += 1
         self.bytes += size
         self.count_drop(drop, size)
 
     def count_drop(self, drop: Drop, size: int, *, held: bool = False) -> None:
-        """Count a drop decided by this pipe or by another stage ("firewall", "mtu", ...).
+        """Count a drop decided by this pipe or by another stage ("mtu", "overflow", ...).
 
         ``held=True``: the packet had been held by this pipe (e.g. dropped by the shared uplink
         or flushed on shutdown), so it also leaves the held gauges.

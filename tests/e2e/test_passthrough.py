@@ -14,11 +14,22 @@ pytestmark = pytest.mark.e2e
 
 
 def ruleset(lab) -> str:
-    """The hv namespace's whole ruleset, minus the timestamp comments."""
+    """The hv namespace's whole ruleset, minus the timestamp comments and the tables that hold
+    nothing (iptables-save lists a table once it has been used, even when it is empty again)."""
     out = []
     for cmd in ("iptables-save", "ip6tables-save"):
         text = lab.exec("hv", [cmd], check=True).stdout
-        out += [line for line in text.splitlines() if not line.startswith("#")]
+        table: list[str] = []
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            table.append(line)
+            if line == "COMMIT":
+                empty = all(entry.startswith(("*", "COMMIT")) or (entry.startswith(":") and " ACCEPT " in entry)
+                            for entry in table)
+                if not empty:
+                    out += table
+                table = []
     return "\n".join(out)
 
 

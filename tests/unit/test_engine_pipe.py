@@ -44,7 +44,7 @@ def test_rate_limit_holds_then_tail_drops_and_counts():
     pipe = Pipe(DirectionSkin(ns_per_byte=8000.0, queue_limit_ns=10 * NS_PER_MS))
     decisions = [pipe.decide(1000, 0, never_called) for _ in range(4)]
     assert decisions == [Hold(8 * NS_PER_MS), DROP_QUEUE, DROP_QUEUE, DROP_QUEUE]
-    assert pipe.drops == {"loss": 0, "queue": 3, "firewall": 0, "mtu": 0}
+    assert pipe.drops == {"loss": 0, "queue": 3, "mtu": 0, "overflow": 0, "error": 0}
     assert pipe.held_packets == 1 and pipe.held_bytes == 1000 and pipe.held_total == 1
     pipe.released(1000)
     assert pipe.held_packets == 0 and pipe.passed_packets == 1 and pipe.passed_bytes == 1000
@@ -85,7 +85,7 @@ def test_other_stages_count_their_drops_here():
     pipe.count_drop(Drop("firewall"), 80)
     pipe.count_drop(Drop("firewall"), 80)
     pipe.count_drop(Drop("mtu"), 9000)
-    assert pipe.drops == {"loss": 0, "queue": 0, "firewall": 2, "mtu": 1}
+    assert pipe.drops == {"loss": 0, "queue": 0, "firewall": 2, "mtu": 1, "overflow": 0, "error": 0}
     assert pipe.dropped_bytes == 9160
     pipe.decide(500, 0, never_called)
     pipe.count_drop(DROP_QUEUE, 500, held=True)  # e.g. the shared uplink refused it

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from interceptor import profiles
-from interceptor.engine.firewall import ALLOW, DROP, REJECT, CompiledProfile, CompiledRule
+from interceptor.profiles import ALLOW, DROP, REJECT, CompiledProfile, CompiledRule
 from interceptor.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from interceptor.profiles import (
     ProfileError,
