@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from interceptor.profiles import packaged_rules_dir
 from interceptor.schema import SKIN_SUFFIXES, HostConfig, Skin, SkinError, UserError, read_skin_file
 
 PRESETS_ENV = "NETSKIN_PRESETS_DIR"
@@ -24,12 +25,11 @@ class LibraryError(UserError):
 
 
 def presets_dir() -> Path:
-    """$NETSKIN_PRESETS_DIR, else ``rules/presets`` beside the installed packages."""
+    """$NETSKIN_PRESETS_DIR, else ``rules/presets`` as installed with netskin."""
     override = os.environ.get(PRESETS_ENV)
     if override:
         return Path(override)
-    # This module's own file, not a package's __file__ (None for a namespace package).
-    return Path(__file__).resolve().parents[1] / "rules" / "presets"
+    return packaged_rules_dir() / "presets"
 
 
 @dataclass(frozen=True)
