@@ -4,7 +4,7 @@ A profile is named by its file stem. The shipped profiles are ``rules/`` of the 
 installed with the packages; a host's drop-in rules directory (``rules_dir`` in the host
 configuration) comes first and overrides a shipped profile of the same name. Errors are one line
 each, like skin errors; ``compile_profile`` turns a valid file into the ``CompiledProfile`` the
-firewall stage reads.
+kernel chains are rendered from (``interceptor.firewall``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import ipaddress
 import os
 import re
 from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainValidator, ValidationError, ValidationInfo, field_validator
 
-from interceptor.engine.firewall import ALLOW, DROP, REJECT, CompiledProfile, CompiledRule
 from interceptor.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from interceptor.schema import (
     UserError,
@@ -36,6 +36,72 @@ PROFILE_SUFFIX = ".toml"
 
 _RANGE_RE = re.compile(r"\s*([0-9]+)\s*-\s*([0-9]+)\s*")
 _PORT_RULE = 'a number 1–65535 or a range "lo-hi" like "8000-8080"'
+
+
+# Actions. Strings, so that profiles, counters and logs all read the same word.
+ALLOW = "allow"
+DROP = "drop"
+REJECT = "reject"
+ACTIONS = (ALLOW, DROP, REJECT)
+
+_PROTO_NAMES = {
+    (PROTO_TCP,): "tcp",
+    (PROTO_UDP,): "udp",
+    (PROTO_ICMP, PROTO_ICMPV6): "icmp",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """One rule, in the form the hot path matches with integer operations.
+
+    ``protos``: protocol numbers, or None for any. ``ports``: inclusive (lo, hi) ranges of the
+    destination port (the VM's for "in", the remote's for "out"), or None for any. ``network``:
+    the remote peer's network as (IP version, network as int, mask as int), or None for any.
+    """
+
+    direction: str  # "in" | "out"
+    protos: tuple[int, ...] | None
+    ports: tuple[tuple[int, int], ...] | None
+    network: tuple[int, int, int] | None
+    action: str  # ALLOW | DROP | REJECT
+
+    @property
+    def description(self) -> str:
+        """The rule in one line, e.g. "in tcp 22,8000-8080 10.0.0.0/8 → allow"."""
+        proto = "any" if self.protos is None else _PROTO_NAMES.get(
+            self.protos, ",".join(str(p) for p in self.protos)
+        )
+        ports = "any" if self.ports is None else ",".join(
+            str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ports
+        )
+        return f"{self.direction} {proto} {ports} {_show_network(self.network)} → {self.action}"
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledProfile:
+    """A security profile: rules in order (first match wins) and a default per direction."""
+
+    name: str
+    rules: tuple[CompiledRule, ...]
+    default_in: str
+    default_out: str
+    description: str = ""
+
+
+def _show_network(network: tuple[int, int, int] | None) -> str:
+    if network is None:
+        return "any"
+    version, net, mask = network
+    prefix = bin(mask).count("1")
+    try:
+        if version == 4:
+            return str(ipaddress.IPv4Network((net, prefix)))
+        if version == 6:
+            return str(ipaddress.IPv6Network((net, prefix)))
+    except ValueError:
+        pass
+    return f"v{version}:{net:#x}&{mask:#x}"  # not a network the compiler would have made
 
 
 class ProfileError(UserError):
