@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Installs everything netskin needs on Debian 12 (run as root): system packages and a virtualenv
-# in .venv with netskin and its test dependencies. Safe to run again; it only adds what is missing.
+# Installs everything netskin and its tests need on Debian 12: system packages and a virtualenv in
+# .venv with netskin (editable) and its test dependencies. Needs root (run as a user with sudo, it
+# asks for it). Safe to run again: it only adds what is missing, and re-installs netskin into .venv
+# when pyproject.toml changed since the last install.
 set -euo pipefail
+source "$(dirname "$0")/as-root.sh" "$@"
 cd "$(dirname "$0")/.."
 
+# gcc and the -dev packages build netfilterqueue from source (here and in the wheel test's fresh
+# virtualenv); systemd gives systemd-analyze and vagrant `vagrant validate` for their unit tests.
 APT_PACKAGES=(
-  iptables iproute2 libnetfilter-queue-dev libnetfilter-queue1 gcc python3-dev python3-venv
-  iperf3 dnsutils iputils-ping procps tmux systemd
+  iptables iproute2 libnetfilter-queue-dev libnetfilter-queue1 gcc python3 python3-dev python3-venv
+  iperf3 dnsutils iputils-ping procps tmux systemd vagrant
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -24,10 +29,13 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   "$PYTHON" -m venv .venv
 fi
+# The stamp holds the checksum of the pyproject.toml last installed (not its time: copies such as
+# vagrant/provision.sh's rsync keep old modification times).
 stamp=.venv/.netskin-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+wanted=$(sha256sum pyproject.toml)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "bootstrap: installing netskin into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[test]'
-  touch "$stamp"
+  echo "$wanted" >"$stamp"
 fi

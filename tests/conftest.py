@@ -2,6 +2,9 @@
 
 Each lab gets a unique prefix so parallel and leftover runs never collide, and is removed by a
 finalizer registered before it is built, so a failed build or test still leaves nothing behind.
+
+Every test under tests/e2e is marked ``e2e``. With NETSKIN_REQUIRE_E2E=1 (CI) a skipped e2e test
+fails instead, with the skip's reason, so a host that cannot run them cannot pass for green.
 """
 
 from __future__ import annotations
@@ -9,10 +12,60 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from pathlib import Path
 
 import pytest
 
 LAB_TOOLS = ("ip", "iptables", "sysctl", "ping", "dig", "iperf3")
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+REQUIRE_E2E_ENV = "NETSKIN_REQUIRE_E2E"
+
+
+def e2e_required() -> bool:
+    return os.environ.get(REQUIRE_E2E_ENV) == "1"
+
+
+def _under_e2e_dir(path: Path) -> bool:
+    return E2E_DIR in Path(path).resolve().parents
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _under_e2e_dir(item.path) and item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.e2e)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, line, "Skipped: reason")
+        return longrepr[2]
+    return str(longrepr)
+
+
+def _fail_the_skip(report, what: str) -> None:
+    report.outcome = "failed"
+    report.longrepr = (
+        f"{what} was skipped, but {REQUIRE_E2E_ENV}=1 requires every end-to-end test to run: "
+        f"{_skip_reason(report)}"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    # An xfail is reported as skipped too; it ran, so it is not what the switch is about.
+    if report.skipped and not hasattr(report, "wasxfail") and e2e_required() and item.get_closest_marker("e2e"):
+        _fail_the_skip(report, f"end-to-end test {item.nodeid}")
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    # A whole e2e module can skip while it is collected (pytest.importorskip, a module-level skip).
+    report = yield
+    if report.skipped and e2e_required() and _under_e2e_dir(collector.path):
+        _fail_the_skip(report, f"end-to-end module {collector.nodeid}")
+    return report
 
 
 def lab_skip_reason() -> str | None:
