@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     queues: list[NetfilterQueue] = []
-    steering: list[rules.VmQueues] = []
+    steering: list[rules.VmRules] = []
     for index, interface in enumerate(args.interface):
         uplink, downlink = args.queue_base + 2 * index, args.queue_base + 2 * index + 1
         for number in (uplink, downlink):
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.fail_open:
                 set_fail_open(queue.get_fd(), number)
             queues.append(queue)
-        steering.append(rules.VmQueues(interface, uplink, downlink))
+        steering.append(rules.VmRules(f"vm{index + 1}", interface, uplink, downlink))
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

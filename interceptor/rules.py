@@ -1,24 +1,43 @@
-"""Netfilter rules that steer each VM's traffic into its NFQUEUE queues.
+"""Netfilter rules netskin owns: steering into NFQUEUE (mangle) and the VMs' firewalls (filter).
 
-The daemon owns one chain, ``NETSKIN``, in the filter table of iptables and ip6tables, jumped to
-from FORWARD (routed and bridged VM traffic), INPUT and OUTPUT (traffic between a VM and the host
-itself, e.g. DNS to the host's dnsmasq). Every jump carries the comment ``netskin`` so leftovers
-of a killed run can be found. Installing is one ``iptables-restore --noflush`` transaction that
-removes any leftover jumps, rebuilds the chain and inserts fresh jumps, so there is never a moment
-with two copies or with none. Rules go through the iptables CLI because this kernel's nftables
-has no native ``queue`` statement (iptables-nft reaches NFQUEUE through nft_compat).
+Steering: chain ``NETSKIN`` in the mangle table, appended to mangle FORWARD, INPUT and OUTPUT,
+sends traffic in on a VM's interface to its uplink queue and traffic out on it to its downlink
+queue. mangle runs before filter, so a packet the daemon accepts goes on into the filter table
+and meets the host's own rules (libvirt's, Docker's, the admin's) as if netskin were not there.
+netskin sets no packet marks.
+
+Firewall: chain ``NETSKIN`` in the filter table, inserted at position 1 of FORWARD, INPUT and
+OUTPUT, holds only jumps to the per-VM chains of VMs that wear a profile (``interceptor.firewall``
+renders them). They RETURN what the profile allows, so the host's rules still apply after them.
+
+Every change is one ``iptables-restore --noflush`` transaction per address family, computed from
+the current ``iptables-save`` output: it removes whatever netskin had there (a killed run's
+leftovers, the old single-chain layout) and writes the new state, so there is never a moment
+with two copies or with none. Every call is bounded by a timeout. Rules go through the iptables
+CLI because this kernel's nftables has no native ``queue`` statement (iptables-nft reaches
+NFQUEUE through nft_compat).
 """
 
 from __future__ import annotations
 
+import math
+import re
+import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
+from interceptor import firewall
+from interceptor.engine.firewall import CompiledProfile
 
 CHAIN = "NETSKIN"
 TAG = "netskin"
 HOOKS = ("FORWARD", "INPUT", "OUTPUT")
-REJECT_MARK = 0x20000000  # the mark bit the shell sets on packets it rejects (see shell.REJECT_MARK)
+DEFAULT_TIMEOUT_S = 10.0
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_INTERFACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,14}")
 
 
 class RulesError(RuntimeError):
@@ -26,12 +45,243 @@ class RulesError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class VmQueues:
-    """Where one VM's traffic goes: its host-side device and its two queue numbers."""
+class VmRules:
+    """One VM as the rules see it: its name, host-side device, queues and firewall profile."""
 
+    name: str
     interface: str
     uplink_queue: int
     downlink_queue: int
+    profile: CompiledProfile | None = None
+
+
+# --- the module API ---------------------------------------------------------------------------
+
+
+def install(vms: list[VmRules], fail_open: bool, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Steering and every VM's firewall chains, replacing whatever netskin had installed."""
+    _check(vms)
+    deadline = _Deadline(timeout_s)
+    for save, restore, version in _family_tools():
+        saved = _run([save], timeout_s=deadline.left())
+        _restore(restore, render_install(saved, vms, fail_open, version), deadline)
+
+
+def set_profile(vm: VmRules, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Give one VM this firewall (``vm.profile``; None removes it); other VMs are untouched."""
+    _check([vm])
+    deadline = _Deadline(timeout_s)
+    for save, restore, version in _family_tools():
+        saved = _run([save], timeout_s=deadline.left())
+        _restore(restore, render_set_profile(saved, vm, version), deadline)
+
+
+def remove_steering(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Remove the mangle steering only; the firewalls stay. Whether there was any."""
+    deadline = _Deadline(timeout_s)
+    found = False
+    for save, restore, _ in _family_tools():
+        text = render_remove_steering(_run([save], timeout_s=deadline.left()))
+        found |= bool(text)
+        _restore(restore, text, deadline)
+    return found
+
+
+def remove(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Remove everything netskin owns in mangle and filter. Whether there was anything."""
+    deadline = _Deadline(timeout_s)
+    found = False
+    for save, restore, _ in _family_tools():
+        text = render_remove(_run([save], timeout_s=deadline.left()))
+        found |= bool(text)
+        _restore(restore, text, deadline)
+    return found
+
+
+def firewall_counters(timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, dict]:
+    """Per VM with a profile in force: {"profile", "rules": [{"rule", "hits"}], "default_hits"}."""
+    deadline = _Deadline(timeout_s)
+    saves = [_run([save, "-c"], timeout_s=deadline.left()) for save, _, _ in _family_tools()]
+    return firewall.parse_counters(saves)
+
+
+# --- rendering: iptables-save text in, iptables-restore text out --------------------------------
+
+
+@dataclass
+class SavedTable:
+    """One table of an ``iptables-save`` output: its chains and rules (without counters)."""
+
+    chains: list[str] = field(default_factory=list)
+    rules: list[tuple[str, str]] = field(default_factory=list)  # (chain, spec after "-A CHAIN ")
+
+
+def parse_save(saved: str) -> dict[str, SavedTable]:
+    tables: dict[str, SavedTable] = {}
+    table: SavedTable | None = None
+    for raw in saved.splitlines():
+        line = raw.strip()
+        if line.startswith("["):  # -c counters
+            line = line[line.find("]") + 1 :].strip()
+        if line.startswith("*"):
+            table = tables.setdefault(line[1:], SavedTable())
+        elif table is None or not line or line.startswith("#"):
+            continue
+        elif line.startswith(":"):
+            table.chains.append(line[1:].split()[0])
+        elif line.startswith("-A "):
+            parts = line.split(None, 2)
+            table.rules.append((parts[1], parts[2] if len(parts) > 2 else ""))
+    return tables
+
+
+def render_install(saved: str, vms: list[VmRules], fail_open: bool, version: int) -> str:
+    """Restore input that replaces netskin's rules with steering and firewalls for ``vms``."""
+    tables = parse_save(saved)
+    return _transaction(
+        _mangle_lines(tables.get("mangle"), vms, fail_open),
+        _filter_lines(tables.get("filter"), {vm.name: vm for vm in vms}, False, version),
+    )
+
+
+def render_set_profile(saved: str, vm: VmRules, version: int) -> str:
+    """Restore input that swaps one VM's firewall chains and keeps everything else."""
+    tables = parse_save(saved)
+    return _transaction([], _filter_lines(tables.get("filter"), {vm.name: vm}, True, version))
+
+
+def render_remove_steering(saved: str) -> str:
+    """Restore input that removes the mangle steering; "" if there is none."""
+    return _transaction(_mangle_lines(parse_save(saved).get("mangle"), None, False), [])
+
+
+def render_remove(saved: str) -> str:
+    """Restore input that removes everything netskin owns; "" if there is nothing."""
+    tables = parse_save(saved)
+    return _transaction(
+        _mangle_lines(tables.get("mangle"), None, False),
+        _filter_lines(tables.get("filter"), {}, False, 4),
+    )
+
+
+def _transaction(mangle: list[str], filter_: list[str]) -> str:
+    text = ""
+    for name, lines in (("mangle", mangle), ("filter", filter_)):
+        if lines:
+            text += "\n".join([f"*{name}", *lines, "COMMIT"]) + "\n"
+    return text
+
+
+def _is_ours(table: str, chain: str) -> bool:
+    return chain == CHAIN or (table == "filter" and firewall.is_firewall_chain(chain))
+
+
+def _jumps_into_ours(table_name: str, table: SavedTable) -> list[str]:
+    """Delete lines for every rule of a chain not ours that jumps into one of ours."""
+    lines = []
+    for chain, spec in table.rules:
+        target = firewall.target_of(shlex.split(spec))
+        if not _is_ours(table_name, chain) and target is not None and _is_ours(table_name, target):
+            lines.append(f"-D {chain} {spec}")
+    return lines
+
+
+def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open: bool) -> list[str]:
+    """Steering for ``vms``, or none (``None`` or no VMs), in place of what is there."""
+    table = table or SavedTable()
+    lines = _jumps_into_ours("mangle", table)
+    exists = CHAIN in table.chains
+    if not vms:
+        if exists:
+            lines += [f":{CHAIN} - [0:0]", f"-X {CHAIN}"]  # declaring a chain flushes it
+        return lines
+    bypass = " --queue-bypass" if fail_open else ""
+    lines.append(f":{CHAIN} - [0:0]")
+    for vm in vms:
+        up = f'-m comment --comment "{TAG} vm={vm.name} uplink" -j NFQUEUE --queue-num {vm.uplink_queue}{bypass}'
+        down = f'-m comment --comment "{TAG} vm={vm.name} downlink" -j NFQUEUE --queue-num {vm.downlink_queue}{bypass}'
+        # Routed taps/veths match by device, bridge ports only by physdev; both are installed.
+        lines.append(f"-A {CHAIN} -i {vm.interface} {up}")
+        lines.append(f"-A {CHAIN} -m physdev --physdev-in {vm.interface} --physdev-is-bridged {up}")
+        lines.append(f"-A {CHAIN} -o {vm.interface} {down}")
+        lines.append(f"-A {CHAIN} -m physdev --physdev-out {vm.interface} --physdev-is-bridged {down}")
+    # Appended: the host's mangle rules in these chains (TCPMSS clamping, marks) run first, since
+    # a packet the daemon accepts leaves mangle's chain at the queue.
+    lines += [f'-A {hook} -m comment --comment "{TAG}" -j {CHAIN}' for hook in HOOKS]
+    return lines
+
+
+def _filter_lines(table: SavedTable | None, wanted: dict[str, VmRules], keep_others: bool, version: int) -> list[str]:
+    """Firewalls for the VMs in ``wanted`` (those with a profile), replacing theirs.
+
+    ``keep_others``: the jumps and chains of VMs not in ``wanted`` stay (set_profile); otherwise
+    they go (install, remove). Old-layout rules in ``NETSKIN`` (NFQUEUE, mark/REJECT) always go.
+    """
+    table = table or SavedTable()
+    lines = _jumps_into_ours("filter", table)
+    existing = [chain for chain in table.chains if _is_ours("filter", chain)]
+
+    kept: list[str] = []  # other VMs' jump specs in NETSKIN, replayed as saved
+    kept_chains: set[str] = set()
+    if keep_others:
+        for chain, spec in table.rules:
+            tokens = shlex.split(spec)
+            comment, target = firewall.comment_of(tokens), firewall.target_of(tokens)
+            jump = firewall.parse_jump_comment(comment)
+            if chain == CHAIN and jump and jump[0] not in wanted and target in existing:
+                kept.append(spec)
+                kept_chains.add(target)
+
+    profiled = [vm for vm in wanted.values() if vm.profile is not None]
+    if kept or profiled:
+        lines.append(f":{CHAIN} - [0:0]")  # flushed: rebuilt below
+        for vm in profiled:
+            lines += [f":{chain} - [0:0]" for chain in firewall.chain_names(vm.name)]
+            lines += firewall.chain_rules(vm.profile, vm.name, version)
+        lines += [f"-A {CHAIN} {spec}" for spec in kept]
+        for vm in profiled:
+            lines += firewall.jump_rules(CHAIN, vm.name, vm.interface, vm.profile.name)
+        # Position 1: the VM's profile judges first; allowed packets RETURN to the host's rules.
+        lines += [f'-I {hook} 1 -m comment --comment "{TAG}" -j {CHAIN}' for hook in HOOKS]
+        live = {CHAIN} | kept_chains | {c for vm in profiled for c in firewall.chain_names(vm.name)}
+    else:
+        live = set()
+    # Chains to delete must be empty and unreferenced: NETSKIN first (it holds the references).
+    stale = sorted((chain for chain in existing if chain not in live), key=lambda c: c != CHAIN)
+    for chain in stale:
+        lines += [f":{chain} - [0:0]"]
+    lines += [f"-X {chain}" for chain in stale]
+    return lines
+
+
+# --- running the tools ----------------------------------------------------------------------
+
+
+def _check(vms: list[VmRules]) -> None:
+    chains: dict[str, str] = {}
+    for vm in vms:
+        if not _NAME_RE.fullmatch(vm.name):
+            raise RulesError(f"VM name {vm.name!r} cannot name netfilter rules (use letters, digits, '.', '_', '-')")
+        if not _INTERFACE_RE.fullmatch(vm.interface):
+            raise RulesError(f"VM {vm.name}: {vm.interface!r} is not an interface name")
+        for queue in (vm.uplink_queue, vm.downlink_queue):
+            if not 0 <= queue <= 65_535:
+                raise RulesError(f"VM {vm.name}: queue {queue} is out of range (0–65535)")
+        chain = firewall.chain_names(vm.name)[0]
+        if chains.setdefault(chain, vm.name) != vm.name:
+            raise RulesError(f"VMs {chains[chain]} and {vm.name} hash to the same firewall chain {chain}; rename one")
+
+
+class _Deadline:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.end = time.monotonic() + timeout_s
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise RulesError(f"netfilter rules not changed within {self.timeout_s:g} s")
+        return left
 
 
 def _families() -> list[tuple[str, str]]:
@@ -45,76 +295,29 @@ def _families() -> list[tuple[str, str]]:
     return pairs
 
 
-def _run(argv: list[str], stdin: str | None = None) -> str:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+def _family_tools() -> list[tuple[str, str, int]]:
+    return [(save, restore, 6 if save.startswith("ip6") else 4) for save, restore in _families()]
+
+
+def _restore(restore: str, text: str, deadline: _Deadline) -> None:
+    if not text:
+        return
+    left = deadline.left()
+    # -w: wait for the xtables lock (legacy backend) at most a bounded time, inside our timeout.
+    wait_s = max(1, math.floor(left) - 1)
+    _run([restore, "-w", str(wait_s), "--noflush"], text, timeout_s=left)
+
+
+def _run(argv: list[str], stdin: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RulesError(
+            f"{' '.join(argv)} did not finish within {timeout_s:.1f} s "
+            f"(another program may hold the xtables lock); netfilter rules may be unchanged"
+        ) from None
+    except OSError as exc:
+        raise RulesError(f"{argv[0]} could not run: {exc}") from exc
     if proc.returncode != 0:
         raise RulesError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
     return proc.stdout
-
-
-def _our_lines(save_output: str) -> tuple[list[str], bool]:
-    """Leftover jump rules (as saved) in the filter table, and whether our chain exists."""
-    jumps, chain_exists, in_filter = [], False, False
-    for line in save_output.splitlines():
-        if line.startswith("*"):
-            in_filter = line == "*filter"
-        elif in_filter and line.startswith(f":{CHAIN} "):
-            chain_exists = True
-        elif in_filter and line.startswith("-A ") and line.rstrip().endswith(f"-j {CHAIN}"):
-            if line.split()[1] in HOOKS:
-                jumps.append(line)
-    return jumps, chain_exists
-
-
-def _queue_target(queue: int, bypass: bool) -> str:
-    return f"-j NFQUEUE --queue-num {queue}" + (" --queue-bypass" if bypass else "")
-
-
-def render(vms: list[VmQueues], fail_open: bool, leftover_jumps: list[str], version: int = 4) -> str:
-    """The iptables-restore input that makes the ruleset ours, whatever was there before."""
-    lines = ["*filter", f":{CHAIN} - [0:0]"]  # declaring the chain flushes it (with --noflush)
-    lines += ["-D" + jump[2:] for jump in leftover_jumps]
-    # Packets the engine rejected come back (NF_REPEAT) carrying the reject mark: the kernel
-    # answers them as a firewall would. These rules come first, so they are never queued again.
-    mark = f"-m mark --mark {REJECT_MARK:#x}/{REJECT_MARK:#x}"
-    unreachable = "icmp-port-unreachable" if version == 4 else "icmp6-port-unreachable"
-    lines.append(f"-A {CHAIN} {mark} -p tcp -j REJECT --reject-with tcp-reset")
-    lines.append(f"-A {CHAIN} {mark} -j REJECT --reject-with {unreachable}")
-    for vm in vms:
-        up = _queue_target(vm.uplink_queue, fail_open)
-        down = _queue_target(vm.downlink_queue, fail_open)
-        tag = f'-m comment --comment "{TAG}"'
-        # Routed taps/veths match by device; bridge ports only by physdev. Installing both is
-        # harmless (each never matches the other kind) and needs no guess about the topology.
-        lines.append(f"-A {CHAIN} -i {vm.interface} {tag} {up}")
-        lines.append(f"-A {CHAIN} -m physdev --physdev-in {vm.interface} --physdev-is-bridged {tag} {up}")
-        lines.append(f"-A {CHAIN} -o {vm.interface} {tag} {down}")
-        lines.append(f"-A {CHAIN} -m physdev --physdev-out {vm.interface} --physdev-is-bridged {tag} {down}")
-    for hook in HOOKS:
-        lines.append(f'-I {hook} 1 -m comment --comment "{TAG}" -j {CHAIN}')
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
-def install(vms: list[VmQueues], fail_open: bool) -> None:
-    """Atomically (per address family) replace whatever netskin rules exist with these."""
-    for save, restore in _families():
-        jumps, _ = _our_lines(_run([save, "-t", "filter"]))
-        version = 6 if save.startswith("ip6") else 4
-        _run([restore, "-w", "--noflush"], render(vms, fail_open, jumps, version))
-
-
-def remove() -> bool:
-    """Remove every netskin rule and the chain. Returns whether anything was there."""
-    found = False
-    for save, restore in _families():
-        jumps, chain_exists = _our_lines(_run([save, "-t", "filter"]))
-        if not jumps and not chain_exists:
-            continue
-        found = True
-        lines = ["*filter"] + ["-D" + jump[2:] for jump in jumps]
-        if chain_exists:
-            lines += [f"-F {CHAIN}", f"-X {CHAIN}"]
-        _run([restore, "-w", "--noflush"], "\n".join(lines + ["COMMIT"]) + "\n")
-    return found
-
