@@ -469,3 +469,240 @@ def test_answers_follow_the_first_matching_pattern(
     record = reply.rr[0]
     assert (QTYPE[record.rtype], record.ttl) == (family, 77)
     assert ipaddress.ip_address(str(record.rdata)) == ipaddress.ip_address(address)
+
+
+# --- the answer chain: aliases cannot sidestep a pattern --------------------------------------
+
+CHAIN_SKIN = compile_dns(
+    {"www.rewritten.test": "198.51.100.7", "*.v6.test": "fd00::7", "*.late.test": "192.0.2.66"},
+    ["*.blocked.test"],
+    ttl=30,
+)
+
+
+def cname_answer(question: str, chain: list[str], qtype: str = "A", final: str = "1.2.3.4", **kw) -> bytes:
+    """question CNAME chain[0], chain[0] CNAME chain[1], …, chain[-1] A final (as resolvers send it)."""
+    records = []
+    owner = question
+    for target in chain:
+        records.append(RR(owner, QTYPE.CNAME, rdata=CNAME(target), ttl=300))
+        owner = target
+    if qtype == "A":
+        records.append(RR(owner, QTYPE.A, rdata=A(final), ttl=300))
+    return upstream_answer(question, qtype, records=tuple(records), **kw)
+
+
+@pytest.mark.parametrize("wrap", [wrap4, wrap6])
+@pytest.mark.parametrize("chain", [["tracker.blocked.test"], ["hop.example.org", "deep.tracker.blocked.test"]])
+def test_a_blocked_alias_anywhere_in_the_chain_blocks_the_whole_answer(wrap, chain):
+    raw = wrap(cname_answer("www.example.org", chain, msg_id=99))
+    reply = rewritten_message(raw, CHAIN_SKIN, expected=BLOCKED)
+    assert (reply.header.id, reply.header.rcode) == (99, 3)
+    assert [str(q.qname) for q in reply.questions] == ["www.example.org."]
+    assert reply.rr == [] and reply.auth == [] and reply.ar == []
+
+
+def test_a_rewritten_alias_gets_the_rewrite_for_the_question_name():
+    raw = wrap4(cname_answer("cdn.example.org", ["edge.example.net", "www.rewritten.test"]))
+    reply = rewritten_message(raw, CHAIN_SKIN)
+    assert [(str(r.rname), QTYPE[r.rtype], str(r.rdata), r.ttl) for r in reply.rr] == [
+        ("cdn.example.org.", "A", "198.51.100.7", 30)
+    ]
+    # The other family gets NODATA, so the real address behind the alias never leaks.
+    aaaa = wrap4(cname_answer("cdn.example.org", ["www.rewritten.test"], qtype="AAAA"))
+    assert rewritten_message(aaaa, CHAIN_SKIN).rr == []
+
+
+def test_block_anywhere_wins_over_a_rewrite_earlier_in_the_chain():
+    raw = wrap4(cname_answer("www.rewritten.test", ["x.blocked.test"]))
+    assert rewritten_message(raw, CHAIN_SKIN, expected=BLOCKED).header.rcode == 3
+
+
+def test_the_first_rewrite_in_chain_order_picks_the_address_not_skin_order():
+    # *.v6.test comes before *.late.test in the skin, but the chain meets a.late.test first.
+    raw = wrap4(cname_answer("www.example.org", ["a.late.test", "b.v6.test"]))
+    assert [str(r.rdata) for r in rewritten_message(raw, CHAIN_SKIN).rr] == ["192.0.2.66"]
+    raw6 = wrap6(cname_answer("www.example.org", ["b.v6.test", "a.late.test"], qtype="AAAA"))
+    assert [str(r.rdata) for r in rewritten_message(raw6, CHAIN_SKIN).rr] == ["fd00::7"]
+
+
+def test_a_dname_target_and_an_unlinked_owner_are_judged_too():
+    dname = RR("example.org", QTYPE.DNAME, rdata=CNAME("dn.blocked.test"), ttl=60)
+    raw = wrap4(upstream_answer("www.example.org", records=(dname,)))
+    assert run(raw, CHAIN_SKIN)[0] == BLOCKED
+    stray = RR("ads.blocked.test", QTYPE.A, rdata=A("1.2.3.4"), ttl=60)
+    raw = wrap4(upstream_answer("www.example.org", records=(stray,)))
+    assert run(raw, CHAIN_SKIN)[0] == BLOCKED
+
+
+def test_names_in_authority_and_additional_are_not_the_answer():
+    extra = RR("x.blocked.test", QTYPE.A, rdata=A("1.2.3.4"), ttl=60)
+    message = upstream_answer("www.example.org", authority=(extra,))
+    assert run(wrap4(message), CHAIN_SKIN) == (UNMATCHED, None)
+
+
+def multi_question_answer(questions: list[tuple[str, str]], records: tuple[RR, ...] = ()) -> bytes:
+    reply = DNSRecord(DNSHeader(id=5, qr=1, ra=1, rd=1))
+    for name, qtype in questions:
+        reply.add_question(DNSRecord.question(name, qtype).q)
+    for record in records:
+        reply.add_answer(record)
+    return reply.pack()
+
+
+def test_every_question_is_judged_and_echoed():
+    blocked = multi_question_answer([("www.example.org", "A"), ("t.blocked.test", "A")])
+    reply = rewritten_message(wrap4(blocked), CHAIN_SKIN, expected=BLOCKED)
+    assert [str(q.qname) for q in reply.questions] == ["www.example.org.", "t.blocked.test."]
+    rewritten = multi_question_answer([("www.example.org", "A"), ("www.rewritten.test", "A"), ("x.org", "MX")])
+    reply = rewritten_message(wrap4(rewritten), CHAIN_SKIN)
+    assert len(reply.questions) == 3
+    # Each question of the rewrite's family gets the address under its own name.
+    assert [(str(r.rname), str(r.rdata)) for r in reply.rr] == [
+        ("www.example.org.", "198.51.100.7"),
+        ("www.rewritten.test.", "198.51.100.7"),
+    ]
+
+
+def hand_message(question: bytes, answers: bytes, ancount: int, qdcount: int = 1) -> bytes:
+    return struct.pack("!6H", 0x4242, 0x8180, qdcount, ancount, 0, 0) + question + answers
+
+
+QUESTION_WWW = b"\x03www\x07example\x03org\x00" + struct.pack("!HH", 1, 1)  # at offset 12
+
+
+def test_compression_pointers_are_followed_forward_and_backward():
+    # The CNAME target is "tracker" + a pointer *forward* to "blocked.test" written later.
+    # dnslib refuses forward pointers, but lenient stub resolvers follow them, so an alias
+    # must not hide behind one.
+    target_rdata = b"\x07tracker\xc0\x00"  # the pointer's offset is patched below
+    cname = b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, len(target_rdata)) + target_rdata
+    a_owner_offset = 12 + len(QUESTION_WWW) + len(cname)
+    a_record = b"\x07blocked\x04test\x00" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([1, 2, 3, 4])
+    pointer = struct.pack("!H", 0xC000 | a_owner_offset)
+    cname = cname[:-2] + pointer
+    message = hand_message(QUESTION_WWW, cname + a_record, 2)
+    assert run(wrap4(message), CHAIN_SKIN)[0] == BLOCKED
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [
+        b"\xc0\x00",  # points into the header
+        b"\x01a\xc0\x00",  # label then a pointer to the pointer itself: patched below
+        b"\x40abc\x00",  # extended label type
+        b"\x3f" + b"a" * 10,  # label running past the message
+    ],
+)
+def test_pointer_loops_and_bad_labels_in_the_answer_pass_as_malformed(owner):
+    owner_offset = 12 + len(QUESTION_WWW)
+    if owner == b"\x01a\xc0\x00":
+        owner = b"\x01a" + struct.pack("!H", 0xC000 | owner_offset)  # a.a.a.a… forever
+    record = owner + struct.pack("!HHIH", 1, 1, 60, 4) + bytes(4)
+    assert run(wrap4(hand_message(QUESTION_WWW, record, 1)), CHAIN_SKIN) == (MALFORMED, None)
+
+
+def test_a_self_pointer_loop_ends():
+    loop_offset = 12 + len(QUESTION_WWW)
+    record = struct.pack("!H", 0xC000 | loop_offset) + struct.pack("!HHIH", 1, 1, 60, 4) + bytes(4)
+    assert run(wrap4(hand_message(QUESTION_WWW, record, 1)), CHAIN_SKIN) == (MALFORMED, None)
+
+
+def test_damage_after_a_match_still_applies_the_match():
+    question = b"\x01x\x07blocked\x04test\x00" + struct.pack("!HH", 1, 1)
+    damaged = b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, 40) + b"\x03abc"  # rdata past the end
+    assert run(wrap4(hand_message(question, damaged, 1)), CHAIN_SKIN)[0] == BLOCKED
+    assert run(wrap4(hand_message(QUESTION_WWW, damaged, 1)), CHAIN_SKIN) == (MALFORMED, None)
+    # A CNAME whose target does not fill its record data is damage too.
+    short = b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, 8) + b"\x01a\xc0\x0c" + b"\0\0\0\0"
+    assert run(wrap4(hand_message(QUESTION_WWW, short, 1)), CHAIN_SKIN) == (MALFORMED, None)
+
+
+def test_a_dot_inside_a_label_cannot_pose_as_a_boundary():
+    # One label "x.blocked" under "test": not below blocked.test.
+    question = b"\x09x.blocked\x04test\x00" + struct.pack("!HH", 1, 1)
+    assert run(wrap4(hand_message(question, b"", 0)), CHAIN_SKIN) == (UNMATCHED, None)
+    cname = b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, 16) + b"\x09a.blocked\x04test\x00"
+    assert run(wrap4(hand_message(QUESTION_WWW, cname, 1)), CHAIN_SKIN) == (UNMATCHED, None)
+
+
+# Random chains: names from a small alphabet so that patterns and aliases often collide.
+CHAIN_NAMES = st.lists(st.sampled_from(["a", "cdn", "www", "blocked", "late", "test", "net"]), min_size=1, max_size=4).map(".".join)
+
+
+def chain_reference(names: list[str], rewrite: dict[str, str], block: list[str]):
+    """The contract, naively: block anywhere in the chain; else the first name with a rewrite."""
+    outcomes = [reference_outcome(name, rewrite, block) for name in names]
+    if any(outcome == BLOCKED for outcome, _ in outcomes):
+        return BLOCKED, None
+    for outcome, address in outcomes:
+        if outcome == REWRITTEN:
+            return REWRITTEN, address
+    return UNMATCHED, None
+
+
+@FAST
+@given(
+    question=CHAIN_NAMES,
+    chain=st.lists(CHAIN_NAMES, max_size=5),
+    qtype=st.sampled_from(["A", "AAAA"]),
+    rewrite=st.dictionaries(CHAIN_NAMES.map(lambda n: "*." + n) | CHAIN_NAMES, ADDRESSES, max_size=3),
+    block=st.lists(CHAIN_NAMES.map(lambda n: "*." + n) | CHAIN_NAMES, max_size=2),
+    v6=st.booleans(),
+)
+def test_random_cname_chains_follow_the_chain_rules(question, chain, qtype, rewrite, block, v6):
+    dns = compile_dns(rewrite, block, 11, 0)
+    raw = (wrap6 if v6 else wrap4)(cname_answer(question, chain, qtype=qtype))
+    expected, address = chain_reference([question, *chain], rewrite, block)
+    outcome, out = run(raw, dns)
+    assert outcome == expected
+    if expected == UNMATCHED:
+        assert out is None
+        return
+    reply = DNSRecord.parse(check_framing(raw, out))
+    assert [str(q.qname).rstrip(".") for q in reply.questions] == [question]
+    if expected == BLOCKED:
+        assert (reply.header.rcode, reply.rr) == (3, [])
+        return
+    family = "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
+    assert [(str(r.rname).rstrip("."), QTYPE[r.rtype], ipaddress.ip_address(str(r.rdata))) for r in reply.rr] == (
+        [(question, family, ipaddress.ip_address(address))] if qtype == family else []
+    )
+
+
+@FAST
+@given(
+    question=CHAIN_NAMES,
+    chain=st.lists(CHAIN_NAMES, min_size=1, max_size=5),
+    blocked_at=st.integers(0, 5),
+)
+def test_a_blocked_name_anywhere_in_a_random_chain_gives_nxdomain(question, chain, blocked_at):
+    names = [question, *chain]
+    names[min(blocked_at, len(names) - 1)] = "ads.blocked.example"
+    raw = wrap4(cname_answer(names[0], names[1:]))
+    dns = compile_dns({"*.test": "10.1.1.1", "*.net": "10.2.2.2"}, ["*.blocked.example"], 60, 0)
+    reply = rewritten_message(raw, dns, expected=BLOCKED)
+    assert reply.header.rcode == 3 and reply.rr == []
+
+
+@FAST
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(min_size=1, max_size=8).map(lambda b: bytes([len(b)]) + b),  # a label
+            st.integers(0, 0x3FFF).map(lambda o: struct.pack("!H", 0xC000 | o)),  # a pointer
+            st.just(b"\0"),
+            st.binary(max_size=10),  # type/class/ttl/rdlength or junk
+        ),
+        max_size=30,
+    ),
+    st.integers(0, 8),
+    st.integers(1, 3),
+)
+def test_random_labels_and_pointers_never_raise(pieces, ancount, qdcount):
+    message = hand_message(b"", b"".join(pieces), ancount, qdcount)
+    for dns in (CHAIN_SKIN, WILDCARD_ALL):
+        outcome, out = run(wrap4(message), dns)
+        assert outcome in OUTCOMES
+        if out is not None:
+            DNSRecord.parse(check_framing(wrap4(message), out))
