@@ -37,7 +37,7 @@ import ipaddress
 import re
 import shlex
 
-from interceptor.engine.firewall import ALLOW, DROP, REJECT, CompiledProfile, CompiledRule
+from interceptor.profiles import ALLOW, DROP, REJECT, CompiledProfile, CompiledRule
 from interceptor.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 CHAIN_PREFIX = "NSKFW-"

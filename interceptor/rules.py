@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from interceptor import firewall
-from interceptor.engine.firewall import CompiledProfile
+from interceptor.profiles import CompiledProfile
 
 CHAIN = "NETSKIN"
 TAG = "netskin"
