@@ -70,7 +70,7 @@ class Daemon:
         self._dns_alive: dict[str, dict[str, bool]] = {}  # vm → server → answered the last probe
         self._firewall_counters: dict = {}
         self._firewall_counters_at = 0.0
-        self._steering_installed = False
+        self._stop_requested = False  # SIGINT/SIGTERM: a clean stop (anything else is a crash)
 
     # -- start-up (before the data path runs: blocking is fine here) ----------------------------
 
@@ -142,7 +142,6 @@ class Daemon:
     def install_rules(self) -> None:
         rules.install([self._vm_rules(vm) for vm in self.shell.paths], fail_open=self.config.fail_mode == "open",
                       timeout_s=RULES_TIMEOUT_S)
-        self._steering_installed = True
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -198,7 +197,6 @@ class Daemon:
     # -- running ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        started = False
         try:
             self.prepare()
             self.install_rules()
@@ -216,25 +214,24 @@ class Daemon:
                 nursery.start_soon(self._watch_library)
                 nursery.start_soon(self._watch_dns_servers)
                 nursery.start_soon(self._watchdog)
-                started = True
                 sdnotify.notify("READY=1", f"STATUS=enforcing skins on {len(self.shell.paths)} VM(s), "
                                            f"fail_mode={self.config.fail_mode}")
                 log.info("netskin-interceptor ready: %d VM(s), fail_mode=%s", len(self.shell.paths),
                          self.config.fail_mode)
         finally:
-            self.shutdown(started)
+            self.shutdown(clean=self._stop_requested)
 
-    def shutdown(self, started: bool = True) -> None:
-        """Stop cleanly: steering out, NAT and address claims released, held packets verdicted.
+    def shutdown(self, clean: bool = True) -> None:
+        """Stop: NAT and address claims released, held packets verdicted; on a clean stop
+        (SIGINT/SIGTERM) the steering is taken out too.
 
         Firewall chains stay in the kernel, so a profile holds while the daemon is stopped or
-        restarting (``--cleanup`` removes them). After a failed start the steering that a crashed
-        run or this one left stays as it is (``fail_mode`` keeps its meaning); NAT chains and
-        address claims are released either way.
+        restarting (``--cleanup`` removes them). After a failed start or a crash (an exception)
+        the steering stays as it is, so ``fail_mode`` keeps its meaning ("closed": blocked).
         """
         sdnotify.notify("STOPPING=1")
         try:
-            if started:
+            if clean:
                 rules.remove_steering(timeout_s=RULES_TIMEOUT_S)
             self._release_identity()
         except Exception:  # noqa: BLE001 - the held packets below must be verdicted regardless
@@ -242,7 +239,8 @@ class Daemon:
         finally:
             released = self.shell.release_all()
             self.shell.close()
-            log.info("netskin-interceptor stopped: steering removed, %d held packet(s) released", released)
+            log.info("netskin-interceptor stopped (%s): %d held packet(s) released", "steering removed" if clean
+                     else "steering left in place, fail_mode applies", released)
 
     def _release_identity(self) -> None:
         """Remove the NAT rules and the address claims the daemon owns."""
@@ -262,6 +260,7 @@ class Daemon:
                     await self.rescan()
                 else:
                     log.info("%s: stopping", signal.Signals(signum).name)
+                    self._stop_requested = True
                     self._cancel.cancel()
                     return
 
