@@ -4,7 +4,8 @@ A Starlette app on Hypercorn's trio worker. Every endpoint calls the same functi
 calls (``manager.library`` for skins, ``manager.assign`` for VMs), in a worker thread because
 they block (the control socket, verification polls). Errors are ``{"error": "<one line>"}`` with
 the CLI's message; the status code says which kind: 400 invalid document, 404 unknown skin, VM
-or persona, 409 conflict, 422 applied but not verified (rolled back), 503 daemon unreachable.
+or persona, 409 conflict, 422 not (wholly) in force, 500 the daemon failed internally, 503 the
+daemon is unreachable, 504 the daemon did not finish within the bound (``vm``: its status).
 
 Personas are the first seed format's name for skins: the same files and the same library, read
 and written with ``id`` for the name and the persona field names.
@@ -16,6 +17,7 @@ import hmac
 import ipaddress
 import json
 import os
+import secrets
 import signal
 import tempfile
 from functools import partial
@@ -131,11 +133,13 @@ class BearerToken:
 class Api:
     """The endpoints, over one host configuration."""
 
-    def __init__(self, config: HostConfig, verify_timeout: float = assign.VERIFY_TIMEOUT_S) -> None:
+    def __init__(self, config: HostConfig, verify_timeout: float = assign.VERIFY_TIMEOUT_S,
+                 timeout: float = assign.SWAP_TIMEOUT_S) -> None:
         self.config = config
         self.library = SkinLibrary(config.skins_dir)
         self.store = AssignmentStore(Path(config.state_dir))
         self.verify_timeout = verify_timeout
+        self.timeout = timeout
 
     # -- skins ----------------------------------------------------------------------------------
 
@@ -224,33 +228,36 @@ class Api:
 
     async def rollback(self, request: Request) -> Response:
         vm = request.path_params["vm_id"]
-        return JSONResponse(await self._daemon(assign.rollback, self.config, vm, vm=vm))
+        return JSONResponse(await self._daemon(assign.rollback, self.config, vm, self.timeout, vm=vm))
 
     async def revert(self, request: Request) -> Response:
         vm = request.path_params["vm_id"]
-        return JSONResponse(await self._daemon(assign.revert, self.config, vm, vm=vm))
+        return JSONResponse(await self._daemon(assign.revert, self.config, vm, self.timeout, vm=vm))
 
     async def _apply(self, vm: str, name: str) -> dict:
-        try:
-            return await self._daemon(assign.apply, self.config, vm, name, self.verify_timeout,
-                                      vm=vm, skin=name)
-        except assign.VerifyFailed as exc:
-            raise ApiError(422, str(exc), vm=exc.status) from None
+        return await self._daemon(assign.apply, self.config, vm, name, self.timeout, self.verify_timeout,
+                                  vm=vm, skin=name)
 
     async def _daemon(self, fn: Callable, *args: Any, vm: str | None = None, skin: str | None = None) -> Any:
-        """Run a daemon request; map its refusals to status codes (the CLI maps them to exit codes)."""
+        """Run a daemon request; map what went wrong to a status code (the CLI maps it to an exit code)."""
         try:
             return await run_in_threadpool(fn, *args)
+        except assign.VerifyFailed as exc:
+            raise ApiError(422, str(exc), vm=exc.status) from None
+        except assign.InProgress as exc:
+            raise ApiError(504, str(exc), vm=exc.status) from None
+        except control.ReplyTimeout as exc:
+            raise ApiError(504, str(exc)) from None
         except control.DaemonUnreachable as exc:
             raise ApiError(503, str(exc)) from None
         except control.ControlError as exc:
             raise ApiError(await run_in_threadpool(self._refusal_status, exc, vm, skin), str(exc)) from None
 
     def _refusal_status(self, exc: control.ControlError, vm: str | None, skin: str | None) -> int:
+        if exc.internal or exc.code not in (1, 3):
+            return 500  # the daemon failed, it did not refuse; the CLI's exit code 2
         if exc.code == 3:
             return 422
-        if exc.code != 1:
-            return 503  # the daemon failed; the CLI's exit code 2
         if vm is not None and vm not in self.config.vms:
             return 404
         if skin is not None:
@@ -265,7 +272,7 @@ class Api:
 
     async def create_persona(self, request: Request) -> Response:
         document = _from_persona(await _document(request))
-        entry = await run_in_threadpool(self._create, document)
+        entry = await run_in_threadpool(self._create_persona, document)
         return JSONResponse(persona_data(entry.skin, entry.document), status_code=201)
 
     async def update_persona(self, request: Request) -> Response:
@@ -284,6 +291,16 @@ class Api:
 
     async def vm_persona(self, request: Request) -> Response:
         return JSONResponse(await run_in_threadpool(self._active_persona, request.path_params["vm_id"]))
+
+    def _create_persona(self, document: dict) -> Entry:
+        """A persona as the seed writes it has no name: the API makes one (``persona-<hex>``)."""
+        if document.get("name") is None and document.get("skin_name") is None:
+            taken = {entry.name for entry in self.library.entries()}
+            persona_id = _new_persona_id()
+            while persona_id in taken:
+                persona_id = _new_persona_id()
+            document = {"name": persona_id, **{k: v for k, v in document.items() if k != "name"}}
+        return self._create(document)
 
     def _active_persona(self, vm: str) -> dict:
         """The VM's active skin as persona, from the copy the daemon enforces (not the library's file)."""
@@ -307,9 +324,9 @@ class Api:
         return Response(metrics.render(reply), media_type=metrics.CONTENT_TYPE_LATEST)
 
 
-def create_app(config: HostConfig, token: str | None = None,
-               verify_timeout: float = assign.VERIFY_TIMEOUT_S) -> Callable:
-    api = Api(config, verify_timeout)
+def create_app(config: HostConfig, token: str | None = None, verify_timeout: float = assign.VERIFY_TIMEOUT_S,
+               timeout: float = assign.SWAP_TIMEOUT_S) -> Callable:
+    api = Api(config, verify_timeout, timeout)
     document = openapi_document(bearer=token is not None)
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)
@@ -421,6 +438,10 @@ def _from_persona(document: dict) -> dict:
     return {"name": persona_id, **document}
 
 
+def _new_persona_id() -> str:
+    return f"persona-{secrets.token_hex(3)}"
+
+
 def persona_data(skin: Skin | None, document: dict | None) -> dict[str, Any]:
     """A skin in the persona seed's vocabulary, with the document as written."""
     assert skin is not None
@@ -454,7 +475,8 @@ def _skin_schemas() -> dict[str, Any]:
     defs = _any_ip(defs)
     persona = json.loads(json.dumps(schema))
     persona["title"] = "Persona"
-    persona["description"] = "A skin in the persona seed's vocabulary: `id` (or `name`) names it."
+    persona["description"] = ("A skin in the persona seed's vocabulary: `id` (or `name`) names it; "
+                              "without either, create makes an id.")
     persona["properties"] = {"id": name} | persona["properties"]
     return defs | {"Skin": schema, "Persona": persona}
 
@@ -485,8 +507,10 @@ _RESPONSES = {
     401: "missing or wrong bearer token",
     404: "unknown skin, persona or VM",
     409: "conflict: the name exists, the skin is worn by a VM or is a preset, or the VM has no shadow",
-    422: "applied but not verified; the VM was rolled back (`vm` holds its status)",
-    503: "the daemon is not running or failed the request",
+    422: "not (wholly) in force: refused, or applied but not verified and restored (`vm` holds its status)",
+    500: "the daemon failed internally (the message says how)",
+    503: "the daemon is not running",
+    504: "the daemon did not finish within the bound; `vm` holds its status (the change may still complete)",
 }
 
 
@@ -533,23 +557,24 @@ def openapi_document(bearer: bool = False) -> dict[str, Any]:
             "/vms": {"get": op("Every VM's status and the host's", json_of(type="object", required=["vms"],
                                                                             properties={"vms": {"type": "object"},
                                                                                         "host": {"type": "object"}}),
-                               (503,))},
-            "/vms/{vm_id}": {"get": op("One VM's status and live counters", vm_status, (404, 409, 503),
+                               (500, 503, 504))},
+            "/vms/{vm_id}": {"get": op("One VM's status and live counters", vm_status, (404, 409, 500, 503, 504),
                                        params=("vm_id",))},
             "/vms/{vm_id}/skins/{name}": {"post": op(
-                "Apply a skin: atomic swap, verified, rolled back if not", vm_status, (400, 404, 409, 422, 503),
-                params=("vm_id", "name"))},
-            "/vms/{vm_id}/rollback": {"post": op("Swap the active and shadow skins", vm_status, (404, 409, 503),
-                                                 params=("vm_id",))},
+                "Apply a skin: atomic swap, verified, the previous assignment restored if not", vm_status,
+                (400, 404, 409, 422, 500, 503, 504), params=("vm_id", "name"))},
+            "/vms/{vm_id}/rollback": {"post": op("Swap the active and shadow skins", vm_status,
+                                                 (404, 409, 422, 500, 503, 504), params=("vm_id",))},
             "/vms/{vm_id}/revert": {"post": op("Remove the skin; restore the original configuration", vm_status,
-                                               (404, 409, 503), params=("vm_id",))},
+                                               (404, 409, 422, 500, 503, 504), params=("vm_id",))},
             "/vms/{vm_id}/persona": {"get": op("The VM's active skin as a persona", persona, (404,),
                                                params=("vm_id",))},
             "/vms/{vm_id}/persona/{persona_id}": {"post": op(
-                "Apply a persona (the same as applying the skin)", vm_status, (400, 404, 409, 422, 503),
+                "Apply a persona (the same as applying the skin)", vm_status, (400, 404, 409, 422, 500, 503, 504),
                 params=("vm_id", "persona_id"))},
-            "/personas/create": {"post": op("Create a persona", persona, (400, 409),
-                                            body=_named("Persona", "id", "name"), created=True)},
+            "/personas/create": {"post": op("Create a persona (without `id` or `name` the API makes an id, "
+                                            "persona-<hex>, and answers with it)", persona, (400, 409),
+                                            body={"$ref": "#/components/schemas/Persona"}, created=True)},
             "/personas/update/{id}": {"put": op("Replace a persona", persona, (400, 404), params=("id",),
                                                 body={"$ref": "#/components/schemas/Persona"})},
             "/personas/get/{id}": {"get": op("One persona", persona, (400, 404), params=("id",))},
@@ -561,7 +586,7 @@ def openapi_document(bearer: bool = False) -> dict[str, Any]:
             "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "string", "description": "one line: the problem and the fix"},
                 "errors": {"type": "array", "items": {"type": "string"}, "description": "one line per problem"},
-                "vm": {"description": "422: the VM's status after the rollback; 409 on delete: the VM wearing it"},
+                "vm": {"description": "422 and 504: the VM's status; 409 on delete: the VM wearing it"},
             }},
             "SkinEntry": {"type": "object", "required": ["name", "origin", "path", "valid", "errors", "skin"],
                           "properties": {
@@ -616,7 +641,7 @@ async def _until_signalled() -> None:
 
 
 def serve(config: HostConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
-          verify_timeout: float = assign.VERIFY_TIMEOUT_S) -> None:
+          verify_timeout: float = assign.VERIFY_TIMEOUT_S, timeout: float = assign.SWAP_TIMEOUT_S) -> None:
     """Serve the API until SIGINT/SIGTERM; ``UserError`` if it may not or cannot listen."""
     import trio
     from hypercorn.config import Config
@@ -626,7 +651,7 @@ def serve(config: HostConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     hypercorn = Config()
     hypercorn.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hypercorn.accesslog = "-"
-    app = create_app(config, token=token, verify_timeout=verify_timeout)
+    app = create_app(config, token=token, verify_timeout=verify_timeout, timeout=timeout)
     try:
         trio.run(partial(hypercorn_serve, app, hypercorn, shutdown_trigger=_until_signalled))
     except* OSError as group:

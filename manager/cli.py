@@ -2,12 +2,14 @@
 
 Commands print tables for people and JSON with --json. A problem the user can fix (a bad file,
 an unknown name) ends the command with exit code 1 and one line per problem on stderr, never a
-traceback: raise a ``UserError`` or call ``fail``.
+traceback: raise a ``UserError`` or call ``fail``. ``--config`` and ``--json`` may also stand
+before the subcommand (``netskin --config F --json status``); given after it, they win.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -61,13 +63,36 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load_config(config_path: Path | None) -> HostConfig:
+@dataclass(frozen=True)
+class GlobalOptions:
+    """``--config`` and ``--json`` given before the subcommand."""
+
+    config: Path | None = None
+    as_json: bool = False
+
+
+def _global_options(ctx: typer.Context) -> GlobalOptions:
+    options = ctx.find_root().obj
+    return options if isinstance(options, GlobalOptions) else GlobalOptions()
+
+
+def config_option(ctx: typer.Context, config_path: Path | None) -> Path | None:
+    """The subcommand's --config, else the one before the subcommand, else None."""
+    return config_path if config_path is not None else _global_options(ctx).config
+
+
+def json_option(ctx: typer.Context, as_json: bool) -> bool:
+    """--json after the subcommand or before it."""
+    return as_json or _global_options(ctx).as_json
+
+
+def load_config(ctx: typer.Context, config_path: Path | None) -> HostConfig:
     """The host configuration from --config, else $NETSKIN_CONFIG, else the default path."""
-    return load_host_config(config_path)
+    return load_host_config(config_option(ctx, config_path))
 
 
-def open_library(config_path: Path | None) -> SkinLibrary:
-    return SkinLibrary(load_config(config_path).skins_dir)
+def open_library(ctx: typer.Context, config_path: Path | None) -> SkinLibrary:
+    return SkinLibrary(load_config(ctx, config_path).skins_dir)
 
 
 def print_json(data: Any) -> None:
@@ -80,6 +105,12 @@ app = typer.Typer(
     add_completion=False,
     help="netskin: per-VM network skins (loss, delay, rate, firewall, DNS, identity).",
 )
+
+
+@app.callback()
+def _options(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """netskin: per-VM network skins (loss, delay, rate, firewall, DNS, identity)."""
+    ctx.obj = GlobalOptions(config, as_json)
 
 
 def main() -> None:
@@ -95,10 +126,10 @@ app.add_typer(skins_app, name="skins")
 
 
 @skins_app.command("list")
-def skins_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def skins_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List every skin: drop-ins (which override presets of the same name) and presets."""
-    entries = open_library(config).entries()
-    if as_json:
+    entries = open_library(ctx, config).entries()
+    if json_option(ctx, as_json):
         print_json([entry_data(entry) for entry in entries])
         return
     table = Table(box=box.SIMPLE_HEAD, caption="down, up: rate limit in kbit/s (∞: unlimited)")
@@ -128,13 +159,13 @@ def skins_list(config: ConfigOption = None, as_json: JsonOption = False) -> None
 
 
 @skins_app.command("show")
-def skins_show(name: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def skins_show(ctx: typer.Context, name: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show one skin: its fields and the effective conditions in each direction."""
-    entry = open_library(config).entry(name)
+    entry = open_library(ctx, config).entry(name)
     if entry.skin is None:
         raise SkinError(list(entry.errors))
     skin = entry.skin
-    if as_json:
+    if json_option(ctx, as_json):
         print_json(entry_data(entry) | {"effective": effective_links(entry)})
         return
     fields = Table("field", "value", title=f"{skin.name} ({entry.origin}, {entry.path})")
@@ -160,6 +191,7 @@ def skins_show(name: str, config: ConfigOption = None, as_json: JsonOption = Fal
 
 @skins_app.command("validate")
 def skins_validate(
+    ctx: typer.Context,
     files: Annotated[list[Path], typer.Argument(metavar="FILE", show_default=False)],
     config: ConfigOption = None,
     as_json: JsonOption = False,
@@ -173,7 +205,7 @@ def skins_validate(
             results.append({"file": str(path), "valid": False, "name": None, "errors": error.lines})
         else:
             results.append({"file": str(path), "valid": True, "name": skin.name, "errors": []})
-    if as_json:
+    if json_option(ctx, as_json):
         print_json(results)
     else:
         for result in results:
@@ -187,35 +219,48 @@ def skins_validate(
 
 @skins_app.command("create")
 def skins_create(
-    file: Annotated[Path, typer.Argument(metavar="FILE")], config: ConfigOption = None
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(metavar="FILE")], config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Add a new skin to the drop-in directory (its name must not exist yet)."""
-    entry = open_library(config).create(file)
+    entry = open_library(ctx, config).create(file)
+    if json_option(ctx, as_json):
+        print_json(entry_data(entry))
+        return
     typer.echo(f"created {entry.name} ({entry.path})")
 
 
 @skins_app.command("update")
 def skins_update(
-    name: str, file: Annotated[Path, typer.Argument(metavar="FILE")], config: ConfigOption = None
+    ctx: typer.Context,
+    name: str, file: Annotated[Path, typer.Argument(metavar="FILE")], config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Replace a skin with FILE; updating a preset creates a drop-in that overrides it."""
-    library = open_library(config)
+    library = open_library(ctx, config)
     was_preset = library.entry(name).origin == "preset"
     entry = library.update(name, file)
+    if json_option(ctx, as_json):
+        print_json(entry_data(entry) | {"overrides_preset": was_preset})
+        return
     note = "; it overrides the preset of that name" if was_preset else ""
     typer.echo(f"updated {entry.name} ({entry.path}){note}")
 
 
 @skins_app.command("delete")
-def skins_delete(name: str, config: ConfigOption = None) -> None:
+def skins_delete(ctx: typer.Context, name: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Remove a drop-in skin (presets cannot be deleted; nor can a skin a VM wears)."""
-    host = load_config(config)
+    host = load_config(ctx, config)
     vm = worn_by(host, name)
     if vm is not None:
         fail(in_use_message(name, vm))
     library = SkinLibrary(host.skins_dir)
     entry = library.delete(name)
     uncovered = any(e.name == name and e.origin == "preset" for e in library.entries())
+    if json_option(ctx, as_json):  # the shape of the API's DELETE /skins/{name}
+        print_json({"deleted": entry.name, "path": str(entry.path), "preset_visible": uncovered})
+        return
     note = f"; the preset {name} is visible again" if uncovered else ""
     typer.echo(f"deleted {entry.name} ({entry.path}){note}")
 
@@ -242,59 +287,76 @@ def _loss(entry: Entry) -> str:
     return _number(down) if down == up else f"{_number(down)} / {_number(up)}"
 
 
-# --- further command groups (lab, demo, apply, rollback, revert, status, top, serve) ---------
-# Reuse ConfigOption, JsonOption, load_config, fail and print_json; raise UserError for
-# problems the user can fix.
+# --- the daemon: apply, rollback, revert, status, top -----------------------------------------
+# Exit codes: 0 done; 1 user error; 2 the daemon is not running or failed; 3 known not (wholly)
+# in force; 4 the --timeout bound passed while the daemon was still at it.
+
+EXIT_IN_PROGRESS = 4
 
 
-def _daemon_call(fn, *args):
-    """Run a daemon request; map 'not running' to exit 2 and refusals to their exit codes."""
+def _daemon_call(fn, *args, vm: str | None = None, as_json: bool = False):
+    """Run a daemon request; end the command with the exit code of whatever went wrong."""
     from interceptor import control
+    from manager import assign
 
     try:
         return fn(*args)
+    except assign.VerifyFailed as exc:
+        _fail_with_status(str(exc), 3, vm, exc.status, as_json)
+    except assign.InProgress as exc:
+        _fail_with_status(str(exc), EXIT_IN_PROGRESS, vm, exc.status, as_json)
     except control.DaemonUnreachable as exc:
         fail(f"{exc}", 2)
     except control.ControlError as exc:
-        fail(str(exc), exc.code)
+        fail(str(exc), 2 if exc.internal else exc.code)
+
+
+def _fail_with_status(message: str, code: int, vm: str | None, status: dict | None, as_json: bool) -> NoReturn:
+    if as_json:
+        problems = (status or {}).get("verify_problems") or []
+        print_json({"error": message, "exit_code": code, "vm": vm, "status": status, "problems": problems})
+    fail(message, code)
 
 
 VmArgument = Annotated[str, typer.Argument(help="The VM's name in the host configuration.")]
+TimeoutOption = Annotated[float, typer.Option(
+    "--timeout", metavar="SECONDS", min=0.1,
+    help="How long to wait for the daemon to finish the swap; past it, status tells what happened.")]
 
 
 @app.command("apply")
-def apply_cmd(vm: VmArgument, skin: Annotated[str, typer.Argument(help="Skin name.")],
-              config: ConfigOption = None, as_json: JsonOption = False,
-              timeout: Annotated[float, typer.Option(help="Seconds to wait for verification.")] = 5.0) -> None:
+def apply_cmd(ctx: typer.Context, vm: VmArgument, skin: Annotated[str, typer.Argument(help="Skin name.")],
+              config: ConfigOption = None, as_json: JsonOption = False, timeout: TimeoutOption = 30.0) -> None:
     """Swap VM's active skin atomically; the old one becomes the shadow."""
     from manager import assign
 
-    host = load_config(config)
-    try:
-        result = _daemon_call(assign.apply, host, vm, skin, timeout)
-    except assign.VerifyFailed as exc:
-        if as_json:
-            print_json({"verified": False, "error": str(exc), "vm": exc.status})
-        fail(str(exc), 3)
+    as_json = json_option(ctx, as_json)
+    result = _daemon_call(assign.apply, load_config(ctx, config), vm, skin, timeout, vm=vm, as_json=as_json)
     _report_vm(vm, result, as_json, f"{vm}: {skin} active (generation {result['generation']})")
 
 
 @app.command("rollback")
-def rollback_cmd(vm: VmArgument, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def rollback_cmd(ctx: typer.Context, vm: VmArgument, config: ConfigOption = None, as_json: JsonOption = False,
+                 timeout: TimeoutOption = 30.0) -> None:
     """Swap the active and shadow skins (undo the last apply)."""
     from manager import assign
 
-    result = _daemon_call(assign.rollback, load_config(config), vm)
-    _report_vm(vm, result, as_json, f"{vm}: rolled back to {result['active']} (generation {result['generation']})")
+    as_json = json_option(ctx, as_json)
+    result = _daemon_call(assign.rollback, load_config(ctx, config), vm, timeout, vm=vm, as_json=as_json)
+    _report_vm(vm, result, as_json,
+               f"{vm}: rolled back to {result['active']} (generation {result['generation']})")
 
 
 @app.command("revert")
-def revert_cmd(vm: VmArgument, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def revert_cmd(ctx: typer.Context, vm: VmArgument, config: ConfigOption = None, as_json: JsonOption = False,
+               timeout: TimeoutOption = 30.0) -> None:
     """Remove the skin and restore the VM's original configuration."""
     from manager import assign
 
-    result = _daemon_call(assign.revert, load_config(config), vm)
-    _report_vm(vm, result, as_json, f"{vm}: reverted to its original configuration (generation {result['generation']})")
+    as_json = json_option(ctx, as_json)
+    result = _daemon_call(assign.revert, load_config(ctx, config), vm, timeout, vm=vm, as_json=as_json)
+    _report_vm(vm, result, as_json,
+               f"{vm}: reverted to its original configuration (generation {result['generation']})")
 
 
 def _report_vm(vm: str, result: dict, as_json: bool, line: str) -> None:
@@ -305,13 +367,13 @@ def _report_vm(vm: str, result: dict, as_json: bool, line: str) -> None:
 
 
 @app.command("status")
-def status_cmd(vm: Annotated[Optional[str], typer.Argument(help="One VM (default: all).")] = None,
+def status_cmd(ctx: typer.Context, vm: Annotated[Optional[str], typer.Argument(help="One VM (default: all).")] = None,
                config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Per VM: active skin, shadow, generation and live counters."""
     from manager import assign
 
-    reply = _daemon_call(assign.status, load_config(config), vm)
-    if as_json:
+    reply = _daemon_call(assign.status, load_config(ctx, config), vm)
+    if json_option(ctx, as_json):
         print_json(reply)
         return
     table = Table(box=box.SIMPLE_HEAD)
@@ -342,32 +404,66 @@ def status_cmd(vm: Annotated[Optional[str], typer.Argument(help="One VM (default
 
 
 @app.command("top")
-def top_cmd(config: ConfigOption = None,
-            interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
-            iterations: Annotated[int, typer.Option(help="Stop after N refreshes (0: until Ctrl-C).")] = 0) -> None:
-    """Live per-VM view of packets/s, bytes/s, drops and queue depth."""
+def top_cmd(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False,
+            interval: Annotated[float, typer.Option(min=0.05, help="Seconds between refreshes.")] = 1.0,
+            iterations: Annotated[int, typer.Option(min=0, help="Stop after N refreshes (0: until Ctrl-C).")] = 0
+            ) -> None:
+    """Live per-VM view of packets/s, bytes/s, drops and queue depth (--json: one JSON line per refresh)."""
     import time
-
-    from rich.live import Live
 
     from manager import assign
 
-    host = load_config(config)
-    previous, then = None, time.monotonic()
+    host = load_config(ctx, config)
+    sample = lambda: (_daemon_call(assign.status, host)["vms"], time.monotonic())  # noqa: E731
     count = 0
-    with Live(console=console, auto_refresh=False) as live:
-        try:
+    try:
+        if json_option(ctx, as_json):
+            # Every line carries rates, so the first one comes after one interval.
+            previous, then = sample()
+            while not iterations or count < iterations:
+                time.sleep(interval)
+                current, now = sample()
+                typer.echo(json.dumps(_top_data(current, previous, now - then), ensure_ascii=False))
+                previous, then = current, now
+                count += 1
+            return
+        from rich.live import Live
+
+        previous, then = None, time.monotonic()
+        with Live(console=console, auto_refresh=False) as live:
             while True:
-                current = _daemon_call(assign.status, host)["vms"]
-                now = time.monotonic()
+                current, now = sample()
                 live.update(_top_table(current, previous, now - then), refresh=True)
                 previous, then = current, now
                 count += 1
                 if iterations and count >= iterations:
                     break
                 time.sleep(interval)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
+
+
+TOP_COUNTERS = ("packets", "bytes", "dropped_packets", "held_packets", "held_bytes")
+
+
+def _top_data(current: dict, previous: dict, elapsed: float) -> dict:
+    """One refresh of `top --json`: per VM and direction, rates over the interval and totals."""
+    import time
+
+    seconds = max(elapsed, 1e-6)
+    vms = {}
+    for name, st in current.items():
+        vms[name] = {"active": st["active"], "generation": st["generation"]}
+        for direction in ("uplink", "downlink"):
+            c = st[direction]
+            p = previous.get(name, {}).get(direction)  # None for a VM that just appeared
+            vms[name][direction] = {
+                "packets_per_s": (c["packets"] - p["packets"]) / seconds if p else None,
+                "kbit_per_s": (c["bytes"] - p["bytes"]) * 8 / 1000 / seconds if p else None,
+                "drops_per_s": (c["dropped_packets"] - p["dropped_packets"]) / seconds if p else None,
+                **{key: c[key] for key in TOP_COUNTERS},
+            }
+    return {"time": round(time.time(), 3), "interval_s": round(elapsed, 3), "vms": vms}
 
 
 def _top_table(current: dict, previous: dict | None, elapsed: float) -> Table:
@@ -393,59 +489,128 @@ app.add_typer(lab_app, name="lab")
 PrefixOption = Annotated[str, typer.Option(help="Name prefix of the lab's namespaces.")]
 
 
-@lab_app.command("up")
-def lab_up_cmd(vms: Annotated[int, typer.Option(min=1, max=50, help="Number of VMs.")] = 2,
-               prefix: PrefixOption = "nsk", as_json: JsonOption = False) -> None:
-    """Build the lab: a hypervisor, N VMs and an internet namespace; write its host config."""
-    from manager.lab import LabError, lab_up
+# `lab up` writes this line first in every host config it writes; nothing else is overwritten.
+LAB_CONFIG_MARK = "# written by `netskin lab up`"
 
+
+@lab_app.command("up")
+def lab_up_cmd(ctx: typer.Context, vms: Annotated[int, typer.Option(min=1, max=50, help="Number of VMs.")] = 2,
+               prefix: PrefixOption = "nsk",
+               config: Annotated[Optional[Path], typer.Option(
+                   "--config", metavar="PATH", show_default=False,
+                   help="Also write the lab's host configuration here (never over a file lab up did not "
+                        "write).")] = None,
+               as_json: JsonOption = False) -> None:
+    """Build the lab: a hypervisor, N VMs and an internet namespace; write its host config."""
+    from manager.lab import LabError, lab_down, lab_up
+
+    target = config_option(ctx, config)
+    if target is not None:
+        _check_lab_config_target(target)
     try:
         lab = lab_up(prefix, vms)
     except LabError as exc:
         fail(f"{exc}")
-    if as_json:
-        print_json({"prefix": lab.prefix, "config": str(lab.config_path), "namespaces": lab.namespaces})
+    config_path = lab.config_path
+    if target is not None:
+        try:
+            target.write_text(lab.config_path.read_text())
+        except OSError as exc:
+            lab_down(prefix)
+            fail(f"cannot write {target}: {exc.strerror}; lab {prefix} removed again; choose another --config path")
+        config_path = target
+    if json_option(ctx, as_json):
+        print_json({"prefix": lab.prefix, "config": str(config_path), "namespaces": lab.namespaces})
         return
     typer.echo(f"lab {lab.prefix} up: {', '.join(lab.namespaces)}")
-    typer.echo(f"host config: {lab.config_path}")
-    typer.echo(f"start the daemon:  netskin-interceptor --config {lab.config_path}")
+    typer.echo(f"host config: {config_path}")
+    typer.echo(f"start the daemon:  netskin-interceptor --config {config_path}")
+
+
+def _written_by_lab(path: Path, prefix: str | None = None) -> bool:
+    mark = LAB_CONFIG_MARK + (f" for lab {prefix};" if prefix is not None else "")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.readline().startswith(mark)
+    except OSError:
+        return False
+
+
+def _check_lab_config_target(target: Path) -> None:
+    if target.is_dir():
+        fail(f"--config {target} is a directory; give the path of the host configuration file to write")
+    if target.exists() and not _written_by_lab(target):
+        fail(f"--config {target} exists and was not written by `netskin lab up`; "
+             f"choose another path or remove it first")
+    if not target.parent.is_dir():
+        fail(f"--config {target}: no such directory {target.parent}; create it or choose another path")
 
 
 @lab_app.command("down")
-def lab_down_cmd(prefix: PrefixOption = "nsk") -> None:
+def lab_down_cmd(ctx: typer.Context, prefix: PrefixOption = "nsk",
+                 config: Annotated[Optional[Path], typer.Option(
+                     "--config", metavar="PATH", show_default=False,
+                     help="The host configuration `lab up --config` wrote: removed too.")] = None,
+                 as_json: JsonOption = False) -> None:
     """Remove the lab: its namespaces, sink processes and files."""
     from manager.lab import lab_down
 
     lab_down(prefix)
-    typer.echo(f"lab {prefix} removed")
+    target = config_option(ctx, config)
+    removed = None
+    if target is not None and _written_by_lab(target, prefix):
+        target.unlink(missing_ok=True)
+        removed = str(target)
+    if json_option(ctx, as_json):
+        print_json({"removed": prefix, "config_removed": removed})
+        return
+    typer.echo(f"lab {prefix} removed" + (f", and {removed}" if removed else ""))
 
 
 @app.command("demo")
-def demo_cmd(skin: Annotated[str, typer.Option(help="The skin to apply.")] = "comcast-3g",
-             prefix: PrefixOption = "nskdemo", as_json: JsonOption = False) -> None:
+def demo_cmd(ctx: typer.Context, skin: Annotated[str, typer.Option(help="The skin to apply.")] = "comcast-3g",
+             prefix: PrefixOption = "nskdemo",
+             config: Annotated[Optional[Path], typer.Option(
+                 "--config", metavar="PATH", show_default=False,
+                 help="Host configuration whose skins (skins_dir) --skin may name besides the presets "
+                      "(default: $NETSKIN_CONFIG, else /etc/netskin/netskin.toml if it exists); its VMs "
+                      "and daemon are not touched.")] = None,
+             as_json: JsonOption = False) -> None:
     """Lab up, daemon started, a skin applied, and its effect measured before and after."""
     from manager.demo import run_demo
+    from manager.lab import LabError
 
-    result = run_demo(skin, prefix, console=None if as_json else console)
+    as_json = json_option(ctx, as_json)
+    skins_dir = load_config(ctx, config).skins_dir
+    try:
+        result = _daemon_call(run_demo, skin, prefix, None if as_json else console, skins_dir, vm="vm1",
+                              as_json=as_json)
+    except LabError as exc:
+        fail(f"{exc}")
     if as_json:
         print_json(result)
 
 
 @app.command("serve")
-def serve_cmd(host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+def serve_cmd(ctx: typer.Context, host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
               port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8640,
               token_file: Annotated[Optional[Path], typer.Option(
                   metavar="FILE", help="Bearer token clients must send (else $NETSKIN_API_TOKEN); "
                                        "required off loopback.")] = None,
+              timeout: Annotated[float, typer.Option(
+                  metavar="SECONDS", min=0.1,
+                  help="How long an apply, rollback or revert may take before the answer is 504 "
+                       "with the VM's status.")] = 30.0,
               verify_timeout: Annotated[float, typer.Option(
-                  min=0, help="Seconds an apply waits for verification.")] = 5.0,
+                  metavar="SECONDS", min=0,
+                  help="After the daemon's answer: how long an apply waits to see it enforced.")] = 5.0,
               config: ConfigOption = None) -> None:
     """The REST API (JSON; OpenAPI at /openapi.json, Prometheus at /metrics)."""
     from manager import api
 
     token = api.load_token(token_file)
     api.check_listen(host, token)  # before anything else: refuse early, with the reason
-    api.serve(load_config(config), host, port, token, verify_timeout)
+    api.serve(load_config(ctx, config), host, port, token, verify_timeout, timeout)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 Measures round-trip time and loss (ping and a UDP echo probe) and TCP throughput in each
 direction (iperf3) from the first VM to the lab's internet namespace, without and with the skin,
 and prints them beside what the skin asked for. Everything it builds is removed at the end.
+The skin comes from the caller's library (a host configuration's drop-ins, or the presets): a
+drop-in is copied into the lab's own skins directory; the host's VMs and daemon are not touched.
 """
 
 from __future__ import annotations
 
 import secrets
+import shutil
+from pathlib import Path
 
 from rich import box
 from rich.console import Console
@@ -20,6 +24,7 @@ from manager.lab import Lab, lab_down, lab_up
 from manager.process import DaemonProcess
 
 VM = "vm1"
+_NO_DROP_INS = Path("/nonexistent/netskin-demo-presets-only")
 
 
 def measure_vm(lab: Lab, seconds: float = 3.0) -> dict:
@@ -45,12 +50,24 @@ def asked(lab: Lab, skin_name: str) -> dict:
     }
 
 
-def run_demo(skin: str, prefix: str = "nskdemo", console: Console | None = None) -> dict:
+def run_demo(skin: str, prefix: str = "nskdemo", console: Console | None = None,
+             skins_dir: Path | None = None) -> dict:
+    """Build a lab, measure vm1 without and with ``skin``, remove the lab; return the figures.
+
+    ``skins_dir`` is the library the skin is looked up in besides the presets (a bad name or
+    file raises its ``UserError`` before anything is built).
+    """
+    library = SkinLibrary(Path(skins_dir) if skins_dir is not None else _NO_DROP_INS)
+    library.get(skin)
+    entry = library.entry(skin)
     prefix = f"{prefix}{secrets.token_hex(2)}"
     say = console.status if console else _quiet
     try:
         with say(f"building the lab {prefix} (namespaces, veths, sinks)"):
             lab = lab_up(prefix, vms=2)
+        if entry.origin == "drop-in":
+            lab_skins = Path(load_host_config(lab.config_path).skins_dir)
+            shutil.copyfile(entry.path, lab_skins / entry.path.name)
         with DaemonProcess(lab.config_path) as daemon:
             config = daemon.config
             with say("measuring without a skin"):

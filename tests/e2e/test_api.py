@@ -99,7 +99,7 @@ def api_config(lab) -> Path:
     """The lab's host configuration with vm2 as a VM whose namespace the host does not know.
 
     Such a VM is a real guest to netskin: its traffic is shaped on the host's interface as usual,
-    but its MAC cannot be set, so a skin asking for one cannot be verified (the 422 case).
+    but its MAC cannot be set, so a skin asking for one cannot be enforced (the 422 case).
     """
     text = lab.config_path.read_text()
     vm2_netns = f'netns = "{lab.vm("vm2").netns}"\n'
@@ -217,6 +217,16 @@ def test_personas(stack):
     finally:
         http.post("/vms/vm1/revert")
         http.delete("/skins/api-persona")
+    # The first seed's persona exactly as written: no name; the API makes its id.
+    seed = {"qos_priority": 7, "security_profile": "standard", "simulated_latency_ms": 80,
+            "packet_loss_probability": 0.01, "bandwidth_limit_kbps": 2000}
+    made = http.post("/personas/create", json=seed)
+    assert made.status_code == 201, made.text
+    try:
+        assert re.fullmatch(r"persona-[0-9a-f]{6}", made.json()["id"])
+        assert http.get(f"/personas/get/{made.json()['id']}").json()["simulated_latency_ms"] == 80
+    finally:
+        http.delete(f"/skins/{made.json()['id']}")
     assert "wears no skin" in error_of(http.get("/vms/vm1/persona"), 404)
 
 
@@ -261,20 +271,21 @@ def test_apply_rollback_revert_and_their_errors(stack):
         http.delete("/skins/api-b")
 
 
-def test_a_skin_that_cannot_be_verified_is_rolled_back_with_422(stack):
+def test_a_skin_that_cannot_be_enforced_is_422_and_changes_nothing(stack):
     """vm2's namespace is not in the API's host config (see api_config), so the host cannot set its
-    MAC: a skin with mac_address applies, fails verification and is rolled back (CLI exit 3)."""
+    MAC: the daemon refuses a skin with mac_address and the VM keeps its skin and shadow (CLI exit 3)."""
     http = stack.http
     http.post("/skins", json={"name": "api-fine", "latency_ms": 10})
     http.post("/skins", json={"name": "api-mac", "latency_ms": 10, "mac_address": "02:77:00:00:aa:02"})
     try:
-        assert http.post("/vms/vm2/skins/api-fine").status_code == 200
+        fine = http.post("/vms/vm2/skins/api-fine").json()
         response = http.post("/vms/vm2/skins/api-mac")
         message = error_of(response, 422)
         print(message)
-        assert "mac_address" in message and "rolled back" in message
+        assert "mac" in message
         assert response.json()["vm"]["active"] == "api-fine"
-        assert http.get("/vms/vm2").json()["active"] == "api-fine"
+        now = http.get("/vms/vm2").json()
+        assert (now["active"], now["shadow"]) == (fine["active"], fine["shadow"])
     finally:
         http.post("/vms/vm2/revert")
         http.delete("/skins/api-fine")

@@ -22,12 +22,22 @@ pytestmark = pytest.mark.e2e
 
 
 def netskin(config: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "manager.cli", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return cli(*args, "--config", str(config))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "manager.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def without_netns(lab, vm: str) -> Path:
+    """The lab's host configuration with ``vm``'s namespace unknown: the host cannot set its MAC."""
+    text = lab.config_path.read_text()
+    line = f'netns = "{lab.vm(vm).netns}"\n'
+    assert line in text
+    path = lab.config_path.with_name(f"no-netns-{vm}.toml")
+    path.write_text(text.replace(line, ""))
+    return path
 
 
 def write_skin(lab, name: str, **fields) -> Path:
@@ -148,6 +158,71 @@ def test_bad_input_exit_codes(lab):
         assert unreadable.returncode == 1 and "no such file" in unreadable.stderr
         no_shadow = netskin(lab.config_path, "rollback", "vm2")
         assert no_shadow.returncode == 1 and "shadow" in no_shadow.stderr
+
+
+def test_global_options_stand_before_the_subcommand_too(lab):
+    write_skin(lab, "g", latency_ms=10)
+    with DaemonProcess(lab.config_path):
+        applied = cli("--config", lab.config_path, "--json", "apply", "vm1", "g")
+        assert applied.returncode == 0, applied.stderr
+        assert json.loads(applied.stdout)["vm1"]["active"] == "g"
+        before = json.loads(cli("--config", lab.config_path, "--json", "status", "vm1").stdout)["vms"]["vm1"]
+        after = json.loads(cli("status", "vm1", "--config", lab.config_path, "--json").stdout)["vms"]["vm1"]
+        assert (before["active"], before["generation"]) == (after["active"], after["generation"]) == ("g", 1)
+        env_status = subprocess.run([sys.executable, "-m", "manager.cli", "--json", "status"], capture_output=True,
+                                    text=True, timeout=60, env=os.environ | {"NETSKIN_CONFIG": str(lab.config_path)})
+        assert env_status.returncode == 0 and set(json.loads(env_status.stdout)["vms"]) == {"vm1", "vm2"}
+
+
+def test_a_refused_apply_leaves_active_and_shadow_as_they_were(lab):
+    """vm2 without its netns: a skin asking for a MAC cannot be enforced. The daemon refuses it and
+    changes nothing, so the next rollback goes back to the skin before, not to the refused one."""
+    config = without_netns(lab, "vm2")
+    write_skin(lab, "first", latency_ms=10)
+    write_skin(lab, "second", latency_ms=20)
+    write_skin(lab, "mac", latency_ms=30, mac_address="02:77:00:00:aa:02")
+    with DaemonProcess(config):
+        assert netskin(config, "apply", "vm2", "first").returncode == 0
+        assert netskin(config, "apply", "vm2", "second").returncode == 0
+        refused = netskin(config, "apply", "vm2", "mac", "--json")
+        print(refused.stderr)
+        assert refused.returncode == 3 and "mac" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+        assert json.loads(refused.stdout)["status"]["active"] == "second"
+        status = json.loads(netskin(config, "status", "vm2", "--json").stdout)["vms"]["vm2"]
+        assert (status["active"], status["shadow"]) == ("second", "first")
+        rolled = netskin(config, "rollback", "vm2", "--json")
+        assert rolled.returncode == 0, rolled.stderr
+        assert (json.loads(rolled.stdout)["vm2"]["active"], json.loads(rolled.stdout)["vm2"]["shadow"]) == (
+            "first", "second")
+
+
+def test_top_json_is_one_line_per_refresh_with_live_rates(lab):
+    with DaemonProcess(lab.config_path):
+        pinger = lab.popen("vm1", ["ping", "-i", "0.01", "-c", "300", lab.inet_address], stdout=subprocess.DEVNULL)
+        try:
+            top = cli("--json", "top", "--config", lab.config_path, "--interval", "0.5", "--iterations", "3")
+        finally:
+            pinger.wait(10)
+    assert top.returncode == 0, top.stderr
+    refreshes = [json.loads(line) for line in top.stdout.splitlines()]
+    assert len(refreshes) == 3
+    rates = [refresh["vms"]["vm1"]["uplink"]["packets_per_s"] for refresh in refreshes]
+    print(rates)
+    assert any(rate > 20 for rate in rates)
+
+
+def test_lab_up_writes_its_config_where_asked_and_lab_down_removes_it(lab_prefix, tmp_path):
+    target = tmp_path / "lab.toml"
+    up = cli("--config", target, "--json", "lab", "up", "--prefix", lab_prefix, "--vms", "1")
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["config"] == str(target)
+    config = load_host_config(target)
+    assert list(config.vms) == ["vm1"] and config.vms["vm1"].netns == f"{lab_prefix}-vm1"
+    again = cli("lab", "up", "--prefix", lab_prefix, "--config", target)  # the lab exists: refused
+    assert again.returncode == 1 and target.exists()
+    down = cli("lab", "down", "--prefix", lab_prefix, "--config", target)
+    assert down.returncode == 0, down.stderr
+    assert not target.exists()
 
 
 def test_top_shows_live_numbers_in_a_terminal(lab):
