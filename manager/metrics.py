@@ -19,7 +19,7 @@ DIRECTIONS = ("uplink", "downlink")
 
 # (metric name, help, key in a direction's counters)
 _DIRECTION_COUNTERS = (
-    ("netskin_packets", "Packets seen, before loss, queue or firewall drops.", "packets"),
+    ("netskin_packets", "Packets seen by the engine, before loss, queue or mtu drops.", "packets"),
     ("netskin_bytes", "IP bytes seen, before any drop.", "bytes"),
     ("netskin_passed_packets", "Packets delivered (immediately or after being held).", "passed_packets"),
     ("netskin_passed_bytes", "IP bytes delivered.", "passed_bytes"),
@@ -48,7 +48,9 @@ class StatusCollector:
             yield family
 
         dropped = CounterMetricFamily(
-            "netskin_dropped_packets", "Packets dropped, by reason (loss, queue, firewall, mtu).",
+            "netskin_dropped_packets",
+            "Packets the engine dropped, by reason (loss, queue, mtu, overflow, error); firewall "
+            "drops are in netskin_firewall_hits.",
             labels=["vm", "direction", "reason"],
         )
         held = GaugeMetricFamily("netskin_held_packets", "Packets held in the delay/rate queue now.",
@@ -78,6 +80,13 @@ class StatusCollector:
                 firewall.add_metric([vm, f"default {direction}"], hits)
         yield dns
         yield firewall
+
+        errors = CounterMetricFamily("netskin_errors",
+                                     "Packets whose handling raised (verdicted by fail_mode; see the log).",
+                                     labels=["vm"])
+        for vm, st in vms.items():
+            errors.add_metric([vm], st.get("errors", 0))
+        yield errors
 
         generation = GaugeMetricFamily("netskin_skin_generation",
                                        "Assignment generation of the VM (rises with every swap).",

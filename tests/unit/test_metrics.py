@@ -21,7 +21,7 @@ SAMPLE = {
     "vms": {
         "vm1": {
             "active": "3g", "shadow": None, "generation": 4, "enforced_generation": 4,
-            "reload_error": None,
+            "reload_error": None, "errors": 6,
             "uplink": _direction(1000, {"loss": 7, "queue": 2}, 3),
             "downlink": _direction(900, {"loss": 5, "queue": 0}, 0),
             # Sections a newer daemon adds; their absence is covered by vm2.
@@ -68,6 +68,8 @@ def test_counters_per_vm_and_direction():
     assert got[key("netskin_skin_generation", vm="vm1")] == 4
     assert got[key("netskin_reload_error", vm="vm1")] == 0
     assert got[key("netskin_reload_error", vm="vm2")] == 1
+    assert got[key("netskin_errors_total", vm="vm1")] == 6
+    assert got[key("netskin_errors_total", vm="vm2")] == 0  # an older daemon without the field
 
 
 def test_optional_sections_give_samples_only_where_present():
