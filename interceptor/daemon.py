@@ -26,12 +26,15 @@ from pathlib import Path
 import trio
 
 from interceptor import control, identity, nat, reconcile, rules, sdnotify
+from interceptor.conditions import Asked, ConditionWindow
 from interceptor.assignments import Assignment, AssignmentStore, SkinCopy
 from interceptor.compiled import NO_SKIN, CompiledSkin
+from interceptor.engine.timeline import StepClock
 from interceptor.library import Entry, SkinLibrary
 from interceptor.profiles import load_profile, profile_dirs
 from interceptor.schema import ConfigError, HostConfig, SkinError, UserError, compile_document, load_host_config
 from interceptor.shell import Shell
+from interceptor.timeline import compile_document_timeline
 
 log = logging.getLogger("netskin.daemon")
 
@@ -39,6 +42,7 @@ RESCAN_INTERVAL_S = 0.5
 DNS_PROBE_INTERVAL_S = 2.0
 DNS_PROBE_TIMEOUT_S = 1.0
 RULES_TIMEOUT_S = 10.0
+SWITCH_INTERVAL_S = 0.0005
 FIREWALL_COUNTERS_MAX_AGE_S = 0.5
 FAULT_INJECTION_ENV = "NETSKIN_FAULT_INJECTION"  # "1": the control socket takes "fault" (tests)
 
@@ -70,6 +74,8 @@ class Daemon:
         self._dns_alive: dict[str, dict[str, bool]] = {}  # vm → server → answered the last probe
         self._firewall_counters: dict = {}
         self._firewall_counters_at = 0.0
+        # Asked versus measured, per VM and direction (interceptor.conditions), ticked each second.
+        self.conditions: dict[tuple[str, str], tuple[int, ConditionWindow]] = {}
         self._stop_requested = False  # SIGINT/SIGTERM: a clean stop (anything else is a crash)
 
     # -- start-up (before the data path runs: blocking is fine here) ----------------------------
@@ -98,7 +104,10 @@ class Daemon:
                           assignment.active.name if assignment.active else None, "; ".join(exc.lines))
                 compiled = NO_SKIN
             self.shell.add_vm(name, vm.interface, up, down)
-            self.shell.set_skin(name, compiled, assignment.generation)
+            if self._stamp_timeline(assignment, compiled):
+                self.store.save(assignment)
+            self.shell.paths[name].set_skin(compiled, assignment.generation,
+                                            self._timeline_clock(assignment, compiled))
             self._capture_original(name)
             self._pick_dns_targets(name)
             self._apply_identity(name, reconcile.reconcile(self._identity_job(name)))
@@ -119,7 +128,34 @@ class Daemon:
         compiled = compile_document(copy.document, copy.name)
         if compiled.security_profile:
             compiled = replace(compiled, firewall=load_profile(compiled.security_profile, self.profile_dirs))
+        timeline = compile_document_timeline(copy.document, copy.name, compiled, copy.source)
+        if timeline is not None:
+            compiled = replace(compiled, timeline=timeline)
         return compiled
+
+    @staticmethod
+    def _stamp_timeline(assignment: Assignment, compiled: CompiledSkin) -> bool:
+        """Fix when the active skin's timeline starts and its seed, once per apply (persisted with
+        the assignment, so a restarted daemon replays the same schedule in phase). True if changed."""
+        timeline = compiled.timeline
+        if timeline is None or assignment.timeline is not None:
+            return False
+        start = timeline.start_unix_ns if timeline.start_unix_ns is not None else time.time_ns()
+        seed = timeline.seed if timeline.seed is not None else int.from_bytes(os.urandom(7), "big")
+        assignment.timeline = {"start_unix_ns": start, "seed": seed}
+        return True
+
+    @staticmethod
+    def _timeline_clock(assignment: Assignment, compiled: CompiledSkin) -> StepClock | None:
+        """The step clock of ``compiled``'s timeline, started where the assignment says and caught
+        up to now (here, not on the data path's first packet)."""
+        if compiled.timeline is None or assignment.timeline is None:
+            return None
+        # The start is wall-clock (shared by hosts); the engine runs on the monotonic clock.
+        start_ns = time.monotonic_ns() + (assignment.timeline["start_unix_ns"] - time.time_ns())
+        clock = StepClock(compiled.timeline, start_ns, compiled, seed=assignment.timeline["seed"])
+        clock.advance(time.monotonic_ns())
+        return clock
 
     def _capture_original(self, vm: str) -> None:
         """Before a VM's first skin: record its address, MAC, MTU and resolvers as the host sees them."""
@@ -205,6 +241,10 @@ class Daemon:
             gc.collect()
             gc.freeze()
             gc.set_threshold(50_000, 50, 100)
+            # Worker threads (library scans, compiles, identity) run Python code and hold the GIL
+            # for up to the switch interval before the data path gets it back: 5 ms by default,
+            # which showed as release-lateness spikes while skins were being rewritten.
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 self._nursery = nursery
@@ -214,6 +254,7 @@ class Daemon:
                 nursery.start_soon(self._watch_library)
                 nursery.start_soon(self._watch_dns_servers)
                 nursery.start_soon(self._watchdog)
+                nursery.start_soon(self._measure_conditions)
                 sdnotify.notify("READY=1", f"STATUS=enforcing skins on {len(self.shell.paths)} VM(s), "
                                            f"fail_mode={self.config.fail_mode}")
                 log.info("netskin-interceptor ready: %d VM(s), fail_mode=%s", len(self.shell.paths),
@@ -273,6 +314,33 @@ class Daemon:
             sdnotify.notify("WATCHDOG=1")
             await trio.sleep(interval / 2)
 
+    async def _measure_conditions(self) -> None:
+        """Once a second: hand each pipe's counters and hold-time samples to its window. A new
+        generation starts a new window, so figures never mix two skins."""
+        while True:
+            await trio.sleep(1.0)
+            now = time.monotonic_ns()
+            for vm, path in self.shell.paths.items():
+                for direction, pipe in (("uplink", path.uplink), ("downlink", path.downlink)):
+                    generation, window = self.conditions.get((vm, direction), (None, None))
+                    if generation != path.generation:
+                        window = ConditionWindow()
+                        self.conditions[(vm, direction)] = (path.generation, window)
+                    hold, late = pipe.take_samples()
+                    window.tick(now, pipe.snapshot(), hold, late)
+
+    def _conditions(self, vm: str) -> tuple[dict, list[str]]:
+        """Per direction {"asked", "measured"}, and the lines where measured leaves tolerance."""
+        skin = self.shell.paths[vm].skin
+        out, flags = {}, []
+        for direction, asked_skin in (("uplink", skin.uplink), ("downlink", skin.downlink)):
+            asked = Asked.of(asked_skin)
+            _, window = self.conditions.get((vm, direction), (None, None))
+            measured, found = window.summary(asked) if window else ({"window_s": 0, "packets": 0}, [])
+            out[direction] = {"asked": asked.to_json(), "measured": measured}
+            flags += [f"{direction}: {line}" for line in found]
+        return out, flags
+
     # -- changing a VM's skin -----------------------------------------------------------------
 
     def _vm(self, vm: str | None) -> str:
@@ -293,7 +361,8 @@ class Daemon:
             await trio.to_thread.run_sync(lambda: rules.set_profile(vm_rules, timeout_s=RULES_TIMEOUT_S))
             self._firewall_counters_at = 0.0
         self.assignments[vm] = assignment
-        self.shell.set_skin(vm, compiled, assignment.generation)
+        clock = await trio.to_thread.run_sync(self._timeline_clock, assignment, compiled)
+        self.shell.paths[vm].set_skin(compiled, assignment.generation, clock)
         self._pick_dns_targets(vm)
         log.info("vm %s: skin %r generation %d (shadow %r)", vm, compiled.name, assignment.generation,
                  assignment.shadow.name if assignment.shadow else None)
@@ -316,11 +385,12 @@ class Daemon:
                 if reasons:
                     raise self._refusal(vm, f"{compiled.name} cannot be applied to {vm}, nothing changed: "
                                             + "; ".join(reasons))
+            self._stamp_timeline(new, compiled)
             await self._enforce(vm, new, compiled)
             problems = await self._sync_identity(vm)
             if problems and undo_on_failure:
                 back = replace(new, active=old.active, shadow=old.shadow, generation=new.generation + 1,
-                               reload_error=old.reload_error)
+                               reload_error=old.reload_error, timeline=old.timeline)
                 await self._enforce(vm, back, await trio.to_thread.run_sync(self._compile, back.active))
                 await self._sync_identity(vm)
                 self.previous[vm] = old
@@ -368,7 +438,7 @@ class Daemon:
 
         def make(old: Assignment) -> Assignment:
             return replace(old, active=before.active, shadow=before.shadow, generation=old.generation + 1,
-                           reload_error=before.reload_error)
+                           reload_error=before.reload_error, timeline=before.timeline)
 
         return await self._change(vm, make, undo_on_failure=False)
 
@@ -522,6 +592,7 @@ class Daemon:
             path = self.shell.paths[name]
             a = self.assignments[name]
             up, down = self.shell.queues[name]
+            conditions, out_of_tolerance = self._conditions(name)
             out[name] = {
                 "interface": self.shell.interfaces[name],
                 "active": a.active.name if a.active else None,
@@ -539,8 +610,24 @@ class Daemon:
                 "queues": {"uplink": up, "downlink": down},
                 "uplink": path.uplink.snapshot(),
                 "downlink": path.downlink.snapshot(),
+                "timeline": self._timeline_status(name),
+                "conditions": conditions,
+                "out_of_tolerance": out_of_tolerance,
             }
         return out
+
+
+    def _timeline_status(self, vm: str) -> dict | None:
+        """The timeline's step, cycle and time to the next step (None: the skin has none)."""
+        path = self.shell.paths[vm]
+        if path.timeline is None:
+            return None
+        now = time.monotonic_ns()
+        path.advance_timeline(now)  # what the next packet would do anyway
+        position = path.timeline.position(now)
+        started = self.assignments[vm].timeline or {}
+        position["start_unix_ns"] = started.get("start_unix_ns")
+        return position
 
 
 async def _dns_answers(server: str) -> bool:

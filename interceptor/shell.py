@@ -184,7 +184,8 @@ class Shell:
         while True:
             await timer.wait()
             try:
-                due = engine.on_wakeup(monotonic_ns() + RELEASE_AHEAD_NS, rand)
+                now = monotonic_ns()
+                due = engine.on_wakeup(now + RELEASE_AHEAD_NS, rand, now)
             except Exception as exc:  # noqa: BLE001
                 self._on_error("(release)", None, exc)
                 due = []

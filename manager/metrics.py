@@ -88,6 +88,42 @@ class StatusCollector:
             errors.add_metric([vm], st.get("errors", 0))
         yield errors
 
+        # Asked versus measured, per direction, over the daemon's last few seconds.
+        asked_delay = GaugeMetricFamily("netskin_asked_delay_seconds", "One-way delay the skin asks for.",
+                                        labels=["vm", "direction"])
+        measured_delay = GaugeMetricFamily("netskin_measured_added_delay_seconds",
+                                           "Added delay the engine gave delivered packets, by quantile.",
+                                           labels=["vm", "direction", "quantile"])
+        asked_loss = GaugeMetricFamily("netskin_asked_loss_ratio", "Loss probability the skin asks for.",
+                                       labels=["vm", "direction"])
+        measured_loss = GaugeMetricFamily("netskin_measured_loss_ratio", "Share of packets lost to the skin's loss.",
+                                          labels=["vm", "direction"])
+        delivered = GaugeMetricFamily("netskin_measured_delivered_bits_per_second",
+                                      "IP bits per second delivered over the window.", labels=["vm", "direction"])
+        late = GaugeMetricFamily("netskin_release_lateness_seconds",
+                                 "How late held packets were released (p99 over the window).", labels=["vm", "direction"])
+        out_of_tolerance = GaugeMetricFamily("netskin_out_of_tolerance",
+                                             "Measured conditions outside their tolerance (count of findings).",
+                                             labels=["vm"])
+        for vm, st in vms.items():
+            for direction, figures in sorted((st.get("conditions") or {}).items()):
+                asked, measured = figures.get("asked") or {}, figures.get("measured") or {}
+                asked_delay.add_metric([vm, direction], asked.get("delay_ms", 0) / 1000)
+                asked_loss.add_metric([vm, direction], asked.get("loss_percent", 0) / 100)
+                for quantile in ("p50", "p99"):
+                    value = (measured.get("added_delay_ms") or {}).get(quantile)
+                    if value is not None:
+                        measured_delay.add_metric([vm, direction, f"0.{quantile[1:]}"], value / 1000)
+                if measured.get("loss_percent") is not None:
+                    measured_loss.add_metric([vm, direction], measured["loss_percent"] / 100)
+                if measured.get("delivered_kbps") is not None:
+                    delivered.add_metric([vm, direction], measured["delivered_kbps"] * 1000)
+                if (measured.get("late_ms") or {}).get("p99") is not None:
+                    late.add_metric([vm, direction], measured["late_ms"]["p99"] / 1000)
+            if "out_of_tolerance" in st:
+                out_of_tolerance.add_metric([vm], len(st["out_of_tolerance"]))
+        yield from (asked_delay, measured_delay, asked_loss, measured_loss, delivered, late, out_of_tolerance)
+
         generation = GaugeMetricFamily("netskin_skin_generation",
                                        "Assignment generation of the VM (rises with every swap).",
                                        labels=["vm"])

@@ -21,7 +21,10 @@ Every packet is judged by exactly one skin generation end to end: the skin is re
 packet arrives and travels with it through every later stage it waits for (a DNS answer held for
 its delay, a packet waiting for the shared uplink and then for its delay line). A swap
 (``VmPath.set_skin``) is reference assignments with nothing in between, so packets that arrive
-later meet the new skin and packets already inside finish under the old one.
+later meet the new skin and packets already inside finish under the old one. A skin with a
+timeline changes step the same way: the first packet at or after ``next_change_ns`` asks the
+step clock (``engine/timeline.py``) for the precompiled skin in force and swaps it in before it
+is judged, so each packet is handled by exactly one step.
 
 Held packets live in one heap ordered by due time. ``on_wakeup(now)`` pops what is due, moves
 packets from stage to stage, and returns the verdicts. Nothing here reads a clock or sleeps.
@@ -42,6 +45,7 @@ from .decision import ACCEPT, DROP_MTU, DROP_QUEUE, Accept, Drop, Hold
 from .mtu import icmp_error, too_big
 from .pipe import Pipe
 from .qos import SharedLink
+from .timeline import NEVER_NS, StepClock
 
 Random = Callable[[], float]
 
@@ -49,6 +53,9 @@ Random = Callable[[], float]
 _DEPART = 0  # its departure: verdict accept
 _TO_LINK = 1  # its ready time behind the VM's own shaper: then it joins the shared uplink
 _TO_PIPE = 2  # the end of its DNS delay: then it meets the downlink's link stages
+
+# Hold-time samples a pipe keeps until the daemon collects them (once a second).
+MAX_SAMPLES = 50_000
 
 
 class Held:
@@ -113,17 +120,47 @@ class VmPath:
         self.dns_answers: dict[str, int] = {}  # DNS stage outcome → count
         self.icmp_sent = 0  # "fragmentation needed" / "packet too big" errors asked for
         self.to_link: Callable | None = None  # set when the engine has a shared uplink
+        # A skin with a timeline: its step clock, and when it next changes step (NEVER_NS without
+        # one), so the per-packet cost of timelines is one integer comparison.
+        self.timeline: StepClock | None = None
+        self.next_change_ns = NEVER_NS
         self.on_uplink = self._link_handler(self.uplink, outgoing=True)
         self.on_downlink = self._link_handler(self.downlink, outgoing=False)
 
-    def set_skin(self, skin: CompiledSkin, generation: int) -> None:
-        """Swap in ``skin``: reference assignments only, so every packet sees the old or the new."""
+    def set_skin(self, skin: CompiledSkin, generation: int, timeline: StepClock | None = None) -> None:
+        """Swap in ``skin``: reference assignments only, so every packet sees the old or the new.
+
+        ``timeline``: the step clock of ``skin.timeline`` (started by the caller); from then on the
+        first packet at or after each change time swaps in the step's precompiled skin.
+        """
+        self.timeline = timeline
+        if timeline is None:
+            self.next_change_ns = NEVER_NS
+            self._swap(skin)
+            dns = skin.dns is not None
+        else:
+            self._swap(timeline.skin)
+            self.next_change_ns = timeline.next_change_ns
+            # The shell decides whether to pass a packet's bytes before the step can change.
+            dns = skin.dns is not None or any(s.dns is not None for s in timeline.timeline.skins)
+        self.needs_payload_up = skin.mtu is not None
+        self.needs_payload_down = skin.mtu is not None or dns
+        self.generation = generation
+
+    def _swap(self, skin: CompiledSkin) -> None:
         self.uplink.skin = skin.uplink
         self.downlink.skin = skin.downlink
-        self.needs_payload_up = skin.mtu is not None
-        self.needs_payload_down = skin.mtu is not None or skin.dns is not None
         self.skin = skin
-        self.generation = generation
+
+    def advance_timeline(self, now_ns: int) -> None:
+        """Bring the timeline's step to ``now_ns`` (called when ``now_ns >= next_change_ns``)."""
+        clock = self.timeline
+        if clock is None:
+            return
+        skin = clock.advance(now_ns)
+        if skin is not self.skin:
+            self._swap(skin)
+        self.next_change_ns = clock.next_change_ns
 
     def on_packet(self, outgoing: bool, token: Any, size: int, data: bytes | None, now_ns: int,
                   random: Random) -> Verdict:
@@ -144,8 +181,11 @@ class VmPath:
         to_link = self._to_link_handler(pipe) if shared else None
         if shared:
             self.to_link = to_link
+        advance = self.advance_timeline
 
         def on_packet(token: Any, size: int, data: bytes | None, now_ns: int, random: Random) -> Verdict:
+            if now_ns >= self.next_change_ns:  # a timeline's next step is due: swap it in first
+                advance(now_ns)
             if data is not None:
                 return inspect(outgoing, token, size, data, now_ns, random)
             if shared:
@@ -155,7 +195,7 @@ class VmPath:
             if decision is ACCEPT:
                 return ACCEPT
             if decision.__class__ is Hold:
-                push(held, (decision.departure_ns, next(seq), token, _DEPART, pipe, size, None, None))
+                push(held, (decision.departure_ns, next(seq), token, _DEPART, pipe, size, None, None, now_ns))
                 return HELD
             return decision
 
@@ -171,10 +211,11 @@ class VmPath:
                 return ready
             pipe.hold(size)
             if ready <= now_ns:
-                if not engine._enter_link(token, pipe, size, self, skin, now_ns):
+                if not engine._enter_link(token, pipe, size, self, skin, now_ns, now_ns):
                     return DROP_QUEUE
             else:
-                heapq.heappush(engine.held, (ready, next(engine.seq), token, _TO_LINK, pipe, size, self, skin))
+                heapq.heappush(engine.held, (ready, next(engine.seq), token, _TO_LINK, pipe, size, self, skin,
+                                              now_ns))
             return HELD
 
         return to_link
@@ -205,7 +246,7 @@ class VmPath:
                 # under the skin it arrived under.
                 pipe.hold(size)
                 heapq.heappush(self.engine.held, (now_ns + dns.delay_ns, next(self.engine.seq), token,
-                                                  _TO_PIPE, pipe, size, self, skin))
+                                                  _TO_PIPE, pipe, size, self, skin, now_ns))
                 return HELD if rebuilt is None else Rewrite(rebuilt, HELD)
         verdict = self.engine._link_stages(self, outgoing, pipe, token, size, now_ns, random, skin)
         if rebuilt is None:
@@ -229,7 +270,8 @@ class Engine:
         # With a shared host uplink, every VM's uplink traffic also crosses one weighted link.
         self.link = SharedLink(8e6 / host_uplink_kbps, uplink_queue_limit_ns) if host_uplink_kbps else None
         self._link_now_ns = 0  # the link's inputs must never go back in time
-        # (due_ns, seq, token, stage, pipe, size, path, skin): seq keeps equal times in arrival order.
+        # (due_ns, seq, token, stage, pipe, size, path, skin, arrival_ns): seq keeps equal times in
+        # arrival order; arrival_ns gives each released packet's real hold time.
         self.held: list[tuple] = []
         self.seq = itertools.count()
 
@@ -254,8 +296,15 @@ class Engine:
             waiting += sum(len(flow.queue) for flow in self.link.flows.values()) + len(self.link._sent)
         return waiting
 
-    def on_wakeup(self, now_ns: int, random: Random) -> list[tuple[Any, Accept | Drop]]:
-        """Verdicts for every held packet due by ``now_ns``, in departure order."""
+    def on_wakeup(self, now_ns: int, random: Random, released_ns: int | None = None
+                  ) -> list[tuple[Any, Accept | Drop]]:
+        """Verdicts for every held packet due by ``now_ns``, in departure order.
+
+        ``released_ns``: when the shell will verdict them (``now_ns`` when not given; the shell
+        looks a little ahead): each released packet's real hold time and lateness are sampled
+        for the measured conditions (``Pipe.hold_samples``/``late_samples``).
+        """
+        released = now_ns if released_ns is None else released_ns
         held = self.held
         pop = heapq.heappop
         push = heapq.heappush
@@ -263,12 +312,15 @@ class Engine:
         out: list[tuple[Any, Accept | Drop]] = []
         while True:
             while held and held[0][0] <= now_ns:
-                due, _, token, stage, pipe, size, path, skin = pop(held)
+                due, _, token, stage, pipe, size, path, skin, arrival = pop(held)
                 if stage == _DEPART:
                     pipe.released(size)
+                    if len(pipe.hold_samples) < MAX_SAMPLES:
+                        pipe.hold_samples.append(released - arrival)
+                        pipe.late_samples.append(released - due)
                     out.append((token, ACCEPT))
                 elif stage == _TO_LINK:
-                    if not self._enter_link(token, pipe, size, path, skin, due):
+                    if not self._enter_link(token, pipe, size, path, skin, due, arrival):
                         out.append((token, DROP_QUEUE))
                 else:  # _TO_PIPE: the held DNS answer now meets the downlink's link stages
                     pipe.unhold(size)
@@ -282,20 +334,20 @@ class Engine:
                 break
             # Off the shared link: the VM's own delay line comes last (propagation), under the
             # skin the packet was admitted under.
-            for (token, pipe, size, skin), departure in sent:
+            for (token, pipe, size, skin, arrival), departure in sent:
                 departure = pipe.delay(departure, random, skin.uplink)
-                push(held, (departure, next(self.seq), token, _DEPART, pipe, size, None, None))
+                push(held, (departure, next(self.seq), token, _DEPART, pipe, size, None, None, arrival))
         return out
 
     def release_all(self) -> list[Any]:
         """Every held token, for a shutdown that must not eat packets (counted as passed)."""
         tokens = []
-        for _, _, token, _, pipe, size, _, _ in self.held:
+        for _, _, token, _, pipe, size, _, _, _ in self.held:
             pipe.released(size)
             tokens.append(token)
         self.held.clear()
         if self.link is not None:
-            for (token, pipe, size, _), _ in self.link.dequeue(1 << 62):
+            for (token, pipe, size, _, _), _ in self.link.dequeue(1 << 62):
                 pipe.released(size)
                 tokens.append(token)
         return tokens
@@ -311,16 +363,16 @@ class Engine:
             else pipe.decide_as(direction, size, now_ns, random)
         if decision.__class__ is Hold:
             heapq.heappush(self.held, (decision.departure_ns, next(self.seq), token, _DEPART, pipe, size,
-                                       None, None))
+                                       None, None, now_ns))
             return HELD
         return decision
 
     def _enter_link(self, token: Any, pipe: Pipe, size: int, path: VmPath, skin: CompiledSkin,
-                    at_ns: int) -> bool:
+                    at_ns: int, arrival_ns: int) -> bool:
         """Offer a packet to the shared uplink under ``skin``'s weight; False: tail-dropped there."""
         at_ns = self._link_now_ns = max(at_ns, self._link_now_ns)
         key: Hashable = path.name
-        if self.link.enqueue(key, skin.qos_weight, size, (token, pipe, size, skin), at_ns):
+        if self.link.enqueue(key, skin.qos_weight, size, (token, pipe, size, skin, arrival_ns), at_ns):
             return True
         pipe.count_drop(DROP_QUEUE, size, held=True)
         return False

@@ -62,6 +62,8 @@ class Pipe:
         "held_bytes",
         "held_total",
         "max_held",
+        "hold_samples",
+        "late_samples",
     )
 
     def __init__(self, skin: DirectionSkin = PASSTHROUGH, max_held: int = 1 << 30) -> None:
@@ -84,6 +86,11 @@ class Pipe:
         # Packets this pipe may hold at once: one VM's flood must not exhaust memory or the
         # kernel queue (whose overflow would bypass the daemon under fail_mode "open").
         self.max_held = max_held
+        # Real hold times and release lateness (ns) of released packets, appended by the engine's
+        # wake-ups and taken by the daemon once a second (``take_samples``) for the measured
+        # conditions. Packets accepted at once add nothing here: their added delay is zero.
+        self.hold_samples: list[int] = []
+        self.late_samples: list[int] = []
 
     @property
     def skin(self) -> DirectionSkin:
@@ -206,6 +213,12 @@ class Pipe:
         if held:
             self.held_packets -= 1
             self.held_bytes -= size
+
+    def take_samples(self) -> tuple[list[int], list[int]]:
+        """The hold and lateness samples gathered since the last call (and start afresh)."""
+        hold, late = self.hold_samples, self.late_samples
+        self.hold_samples, self.late_samples = [], []
+        return hold, late
 
     def snapshot(self) -> dict[str, object]:
         """The counters, as plain data for status and metrics."""

@@ -22,6 +22,11 @@ SAMPLE = {
         "vm1": {
             "active": "3g", "shadow": None, "generation": 4, "enforced_generation": 4,
             "reload_error": None, "errors": 6,
+            "conditions": {"uplink": {"asked": {"delay_ms": 20, "loss_percent": 10},
+                                      "measured": {"added_delay_ms": {"p50": 20.5, "p99": 22.0},
+                                                   "loss_percent": 9.5, "delivered_kbps": 800,
+                                                   "late_ms": {"p50": 0.1, "p99": 0.4}}}},
+            "out_of_tolerance": ["uplink: something"],
             "uplink": _direction(1000, {"loss": 7, "queue": 2}, 3),
             "downlink": _direction(900, {"loss": 5, "queue": 0}, 0),
             # Sections a newer daemon adds; their absence is covered by vm2.
@@ -69,6 +74,11 @@ def test_counters_per_vm_and_direction():
     assert got[key("netskin_reload_error", vm="vm1")] == 0
     assert got[key("netskin_reload_error", vm="vm2")] == 1
     assert got[key("netskin_errors_total", vm="vm1")] == 6
+    assert got[key("netskin_asked_delay_seconds", vm="vm1", direction="uplink")] == 0.02
+    assert got[key("netskin_measured_added_delay_seconds", vm="vm1", direction="uplink", quantile="0.99")] == 0.022
+    assert got[key("netskin_measured_loss_ratio", vm="vm1", direction="uplink")] == 0.095
+    assert got[key("netskin_measured_delivered_bits_per_second", vm="vm1", direction="uplink")] == 800_000
+    assert got[key("netskin_out_of_tolerance", vm="vm1")] == 1
     assert got[key("netskin_errors_total", vm="vm2")] == 0  # an older daemon without the field
 
 
