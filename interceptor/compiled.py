@@ -39,7 +39,11 @@ class DirectionSkin:
     loss_probability: float = 0.0
     gilbert_elliott: GilbertElliott | None = None
     delay_ns: int = 0  # one-way added delay
-    jitter_ns: int = 0  # each packet's delay varies uniformly in [delay - jitter, delay + jitter]
+    jitter_ns: int = 0  # scale of the delay's variation (uniform: [delay - jitter, delay + jitter])
+    # Shape of the delay's marginal distribution: "uniform", "normal", "pareto" or "paretonormal"
+    # (netem's); the delay is a smooth random process in time with this marginal (engine/delay.py).
+    jitter_distribution: str = "uniform"
+    jitter_correlation_ns: int = 0  # the process's time scale; 0 = the default, 5 × jitter_ns
     reorder_probability: float = 0.0  # share of packets sent ahead of the delay queue
     ns_per_byte: float = 0.0  # 0 = unlimited; 8e9 / (rate_kbps * 1000) otherwise
     queue_limit_ns: int = 500 * NS_PER_MS  # backlog allowed behind the rate limit

@@ -44,6 +44,9 @@ SKIN_SUFFIXES = (".json", ".yaml", ".yml", ".toml")
 # Numbers are strict: a YAML `true` or a quoted "120" is a mistake, not 1 or 120.
 Ms = Annotated[float, Field(ge=0, le=60_000, strict=True)]
 Percent = Annotated[float, Field(ge=0, le=100, strict=True)]
+# The shape of the delay's distribution and the time scale of its change (engine/delay.py).
+JitterDistribution = Literal["uniform", "normal", "pareto", "paretonormal"]
+CorrelationMs = Annotated[float, Field(ge=0.1, le=600_000, strict=True)]
 
 
 def _rate_or_unlimited(kbps: float) -> float:
@@ -209,6 +212,8 @@ class Direction(_Strict):
 
     delay_ms: Ms | None = None
     jitter_ms: Ms | None = None
+    jitter_distribution: JitterDistribution | None = None
+    jitter_correlation_ms: CorrelationMs | None = None
     loss_percent: Percent | None = None
     rate_kbps: Kbps | None = None
 
@@ -276,6 +281,8 @@ class Skin(_Strict):
     latency_ms: Ms = 0  # added round-trip time: half in each direction
     simulated_latency_ms: Ms | None = None  # alias of latency_ms (persona seed format)
     jitter_ms: Ms = 0  # applies to each direction as given
+    jitter_distribution: JitterDistribution = "uniform"  # the delay's marginal distribution
+    jitter_correlation_ms: CorrelationMs | None = None  # None: 5 × jitter_ms
     reorder_percent: Percent = 0
     packet_loss_percent: Percent = 0  # in each direction independently
     packet_loss_probability: Annotated[float, Field(ge=0, le=1, strict=True)] | None = None
@@ -398,6 +405,8 @@ class Skin(_Strict):
         return Direction(
             delay_ms=override.delay_ms if override.delay_ms is not None else self.latency_ms / 2,
             jitter_ms=override.jitter_ms if override.jitter_ms is not None else self.jitter_ms,
+            jitter_distribution=override.jitter_distribution or self.jitter_distribution,
+            jitter_correlation_ms=override.jitter_correlation_ms or self.jitter_correlation_ms,
             loss_percent=(
                 override.loss_percent
                 if override.loss_percent is not None
@@ -495,6 +504,8 @@ def _compile_direction(skin: Skin, direction: Literal["uplink", "downlink"]) -> 
         gilbert_elliott=gilbert_elliott,
         delay_ns=round(link.delay_ms * NS_PER_MS),
         jitter_ns=round(link.jitter_ms * NS_PER_MS),
+        jitter_distribution=link.jitter_distribution,
+        jitter_correlation_ns=round((link.jitter_correlation_ms or 0) * NS_PER_MS),  # 0: default
         reorder_probability=skin.reorder_percent / 100,
         # 1 kbps = 1000 bit/s, so one byte takes 8 / (kbps * 1000) s = 8e6 / kbps ns.
         ns_per_byte=8e6 / link.rate_kbps if link.rate_kbps else 0.0,
