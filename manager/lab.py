@@ -4,6 +4,11 @@
     {prefix}-vm2  eth0 ─── tap-vm2 ┼ {prefix}-hv (routes, forwards) up0 ─── eth0 {prefix}-inet
     ...                            ┘                                        (echo, iperf3, DNS)
 
+With ``guests=N`` the VMs are real QEMU guests (manager/guests.py) instead of namespaces, on
+one of two layouts: routed taps (``tap-vmN`` in the hv namespace holds the guest's gateway, as
+the veths do), or, with ``bridge=True``, taps that are ports of a bridge ``br0`` holding the
+gateway, routed and NATed (MASQUERADE in the hv namespace) towards inet: libvirt's default.
+
 The lab has no link to the root namespace, so nothing in it can reach a real network, and
 nothing in the root namespace (links, addresses, routes, firewall) is touched. What is built is
 recorded in a state file as it is built, so ``lab_down`` removes a half-built lab too, and works
@@ -46,6 +51,9 @@ DNS_PORT = 53
 QUEUE_BASE = 7700
 MTU = 1500
 MAX_VMS = 200
+MAX_GUESTS = 8
+BRIDGE = "br0"  # the bridge layout's bridge, in the hv namespace
+BRIDGE_NET, BRIDGE_NET6 = "10.77.100", "fd77:100:"  # guest i is .{i+1}; the bridge is .1
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 
@@ -70,6 +78,12 @@ class LabVM:
     gateway: str
     gateway6: str
     mac: str  # the VM's eth0
+    prefixlen: int = 24
+    guest: bool = False  # a QEMU guest (no netns): commands go through its console
+
+    @property
+    def is_namespace(self) -> bool:
+        return self.netns is not None
 
 
 @dataclass
@@ -87,10 +101,26 @@ class Lab:
     echo_port: int = ECHO_PORT
     iperf3_ports: tuple[int, ...] = IPERF3_PORTS
     pids: dict[str, int] = field(default_factory=dict)  # sink name -> pid
+    bridge: str | None = None  # the bridge the guests' taps are ports of, if any
+    accel: str | None = None  # "kvm" or "tcg" when the lab has guests
+    boot_s: dict[str, float] = field(default_factory=dict)  # guest -> seconds until its console answered
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.hv_ns, self.inet_ns, *(vm.netns for vm in self.vms)]
+        return [self.hv_ns, self.inet_ns, *(vm.netns for vm in self.vms if vm.netns)]
+
+    @property
+    def guests(self) -> tuple[LabVM, ...]:
+        return tuple(vm for vm in self.vms if vm.guest)
+
+    def console(self, name: str):
+        """The console of guest ``name``: ``lab.console("vm1").run("ping -c 1 10.77.0.2")``."""
+        from manager.guests import Console
+
+        vm = self.vm(name)
+        if not vm.guest:
+            raise LabError(f"{name} is a namespace, not a guest; use lab.exec({name!r}, ...)")
+        return Console(_guest_dir(self.workdir) / f"{vm.name}.console")
 
     def vm(self, name: str) -> LabVM:
         """A VM by its name ("vm1") or its namespace."""
@@ -107,7 +137,10 @@ class Lab:
             return self.inet_ns
         if where in self.namespaces:
             return where
-        return self.vm(where).netns
+        vm = self.vm(where)
+        if vm.netns is None:
+            raise LabError(f"{where} is a QEMU guest, not a namespace; run commands in it with lab.console({where!r})")
+        return vm.netns
 
     def exec(self, ns: str, argv: list, *, check: bool = False, timeout: float | None = 60.0,
              **kw) -> subprocess.CompletedProcess:
@@ -128,12 +161,29 @@ class Lab:
         return ["ip", "netns", "exec", self.resolve_ns(ns), *map(str, argv)]
 
 
-def _make_lab(prefix: str, vms: int, workdir: Path, pids: dict[str, int] | None = None) -> Lab:
+def _guest_dir(workdir: Path) -> Path:
+    return workdir / "guests"
+
+
+def _make_guest(i: int, bridge: bool) -> LabVM:
+    if bridge:
+        return LabVM(name=f"vm{i}", netns=None, interface=f"tap-vm{i}", address=f"{BRIDGE_NET}.{i + 1}",
+                     address6=f"{BRIDGE_NET6}:{i + 1:x}", gateway=f"{BRIDGE_NET}.1", gateway6=f"{BRIDGE_NET6}:1",
+                     mac=f"02:77:00:00:{i:02x}:02", guest=True)
+    return LabVM(name=f"vm{i}", netns=None, interface=f"tap-vm{i}", address=f"10.77.{i}.2",
+                 address6=f"fd77:{i}::2", gateway=f"10.77.{i}.1", gateway6=f"fd77:{i}::1",
+                 mac=f"02:77:00:00:{i:02x}:02", guest=True)
+
+
+def _make_lab(prefix: str, vms: int, workdir: Path, pids: dict[str, int] | None = None,
+              guests: int = 0, bridge: bool = False, accel: str | None = None) -> Lab:
     return Lab(
         prefix=prefix,
         hv_ns=f"{prefix}-hv",
         inet_ns=f"{prefix}-inet",
-        vms=tuple(
+        bridge=BRIDGE if guests and bridge else None,
+        accel=accel,
+        vms=tuple(_make_guest(i, bridge) for i in range(1, guests + 1)) + tuple(
             LabVM(
                 name=f"vm{i}",
                 netns=f"{prefix}-vm{i}",
@@ -160,21 +210,37 @@ def _lab_ns_re(prefix: str) -> re.Pattern[str]:
 # --- building --------------------------------------------------------------------------------
 
 
-def lab_up(prefix: str = "nsk", vms: int = 2, workdir: Path | None = None) -> Lab:
-    """Build the lab, start its sinks, write its host config; on any failure remove it again."""
+def lab_up(prefix: str = "nsk", vms: int = 2, workdir: Path | None = None, *, guests: int = 0,
+           bridge: bool = False, say=None) -> Lab:
+    """Build the lab, start its sinks, write its host config; on any failure remove it again.
+
+    With ``guests`` > 0 the VMs are QEMU guests (``vms`` must be 0): on routed taps, or on
+    ports of a bridge with ``bridge``. ``say`` (a callable) hears about slow steps.
+    """
     if not _PREFIX_RE.fullmatch(prefix):
         raise LabError(f"lab prefix {prefix!r}: use 1-16 lowercase letters and digits, starting with a letter")
-    if not 1 <= vms <= MAX_VMS:
+    if guests:
+        if not 1 <= guests <= MAX_GUESTS:
+            raise LabError(f"lab with {guests} guests: choose between 1 and {MAX_GUESTS}")
+        if vms:
+            raise LabError("a lab has either namespace VMs or guests; pass vms=0 with guests")
+    elif bridge:
+        raise LabError("the bridge layout is for guests; add --guests N")
+    elif not 1 <= vms <= MAX_VMS:
         raise LabError(f"lab with {vms} VMs: choose between 1 and {MAX_VMS}")
     existing = [n for n in netns.listnetns() if _lab_ns_re(prefix).fullmatch(n)]
     if existing or (LAB_ROOT / prefix / "lab.json").exists():
         raise LabError(f"lab {prefix!r} already exists ({', '.join(existing) or 'state file'}); "
                        f"remove it with `netskin lab down {prefix}` or choose another prefix")
     workdir = Path(workdir) if workdir is not None else LAB_ROOT / prefix
-    lab = _make_lab(prefix, vms, workdir)
+    lab = _make_lab(prefix, vms, workdir, guests=guests, bridge=bridge)
     state = {
         "prefix": prefix,
         "vms": vms,
+        "guests": guests,
+        "bridge": bridge,
+        "accel": None,
+        "boot_s": {},
         "workdir": str(workdir),
         "config_path": str(lab.config_path),
         "namespaces": [],
@@ -186,7 +252,7 @@ def lab_up(prefix: str = "nsk", vms: int = 2, workdir: Path | None = None) -> La
         for d in (workdir, workdir / "state", workdir / "skins.d", workdir / "logs"):
             d.mkdir(parents=True, exist_ok=True)
         _save_state(state)
-        _build(lab, state)
+        _build(lab, state, say or (lambda text: log.info("%s", text)))
     except BaseException as exc:
         log.warning("lab %s failed to build; removing what was built", prefix)
         try:
@@ -197,7 +263,7 @@ def lab_up(prefix: str = "nsk", vms: int = 2, workdir: Path | None = None) -> La
     return lab
 
 
-def _build(lab: Lab, state: dict) -> None:
+def _build(lab: Lab, state: dict, say) -> None:
     for name in lab.namespaces:
         netns.create(name)
         state["namespaces"].append(name)
@@ -208,9 +274,18 @@ def _build(lab: Lab, state: dict) -> None:
         _sysctl(name, no_dad)
     _sysctl(lab.hv_ns, {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1})
 
+    if lab.guests:
+        image, accel = _prepare_guests(lab, say)
+        lab.accel = state["accel"] = accel
+        _save_state(state)
+
     _build_links(lab)
+    if lab.guests:
+        _build_guest_links(lab)
 
     for vm in lab.vms:
+        if vm.netns is None:
+            continue
         conf_dir = NETNS_CONF_DIR / vm.netns
         state["netns_conf_dirs"].append(str(conf_dir))
         _save_state(state)
@@ -224,9 +299,95 @@ def _build(lab: Lab, state: dict) -> None:
 
     lab.config_path.write_text(host_config_toml(lab))
     _start_sinks(lab, state)
+    if lab.guests:
+        _boot_guests(lab, state, image, say)
     state["complete"] = True
     _save_state(state)
     log.info("lab %s is up: %d VMs, config %s", lab.prefix, len(lab.vms), lab.config_path)
+
+
+# --- guests ----------------------------------------------------------------------------------
+
+
+def _prepare_guests(lab: Lab, say):
+    """The guest image (built at first use) and the accelerator this host boots it with."""
+    from manager import guests
+
+    missing = [tool for tool in ("qemu-system-x86_64", "apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        raise LabError(f"guests need {', '.join(missing)}; apt-get install qemu-system-x86")
+    try:
+        image = guests.build_image(say=say)
+        return image, guests.detect_accel(image)
+    except guests.GuestError as exc:
+        raise LabError(f"guest image: {exc}") from None
+
+
+def _build_guest_links(lab: Lab) -> None:
+    """The guests' taps in the hv namespace: routed (gateway on the tap) or ports of the bridge."""
+    for vm in lab.guests:
+        _ip(lab.hv_ns, "tuntap", "add", "dev", vm.interface, "mode", "tap")
+    with IPRoute(netns=lab.hv_ns, flags=0) as hv:
+        if lab.bridge:
+            hv.link("add", ifname=lab.bridge, kind="bridge")
+            first = lab.guests[0]
+            _configure(hv, lab.bridge, "02:77:00:00:64:01", [(first.gateway, 24), (first.gateway6, 64)])
+        for i, vm in enumerate(lab.guests, start=1):
+            idx = _index(hv, vm.interface)
+            hv.link("set", index=idx, address=f"02:77:00:00:{i:02x}:01", mtu=MTU)
+            if lab.bridge:
+                hv.link("set", index=idx, master=_index(hv, lab.bridge))
+                hv.link("set", index=idx, state="up")
+            else:
+                _configure(hv, vm.interface, f"02:77:00:00:{i:02x}:01", [(vm.gateway, 24), (vm.gateway6, 64)])
+    if lab.bridge:
+        # Bridged frames pass the hv namespace's iptables (physdev), as on a libvirt host.
+        _sysctl(lab.hv_ns, {"net.bridge.bridge-nf-call-iptables": 1, "net.bridge.bridge-nf-call-ip6tables": 1})
+        subnet = f"{BRIDGE_NET}.0/24"
+        _ip_netns_exec(lab.hv_ns, ["iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", subnet,
+                                   "!", "-d", subnet, "-m", "comment", "--comment", "netskin-lab",
+                                   "-j", "MASQUERADE"])
+
+
+def _ip(ns: str, *argv: str) -> None:
+    _ip_netns_exec(ns, ["ip", *argv])
+
+
+def _ip_netns_exec(ns: str, argv: list[str]) -> None:
+    done = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise LabError(f"{' '.join(argv)} in namespace {ns} failed: {done.stderr.strip()}")
+
+
+def _boot_guests(lab: Lab, state: dict, image, say) -> None:
+    from manager import guests
+
+    guest_dir = _guest_dir(lab.workdir)
+    guest_dir.mkdir(parents=True, exist_ok=True)
+    started = []
+    say(f"booting {len(lab.guests)} guest(s) with {lab.accel.upper()}")
+    for vm in lab.guests:
+        net = guests.GuestNet(vm.name, f"{vm.address}/{vm.prefixlen}", vm.gateway, f"{vm.address6}/64",
+                              vm.gateway6, MTU, lab.dns_servers[0])
+        spec = guests.GuestSpec(net, vm.interface, vm.mac, guest_dir)
+        proc = guests.start_guest(image, spec, lab.accel, ["ip", "netns", "exec", lab.hv_ns],
+                                  lab.workdir / "logs" / f"qemu-{vm.name}.log")
+        _children[proc.pid] = proc
+        name = f"qemu-{vm.name}"
+        lab.pids[name] = proc.pid
+        # ip netns exec execs QEMU in place, so the pid's command line becomes QEMU's.
+        state["processes"].append({"name": name, "pid": proc.pid,
+                                   "argv": guests.qemu_argv(image, spec, lab.accel)})
+        _save_state(state)
+        started.append((vm, spec, proc, time.monotonic()))
+    for vm, spec, proc, t0 in started:
+        try:
+            guests.wait_console_socket(spec, proc)
+            guests.Console(spec.console_path).wait_ready(proc=proc, serial_log=spec.serial_log)
+        except guests.GuestError as exc:
+            raise LabError(f"guest {vm.name}: {exc}") from None
+        lab.boot_s[vm.name] = state["boot_s"][vm.name] = round(time.monotonic() - t0, 2)
+    _save_state(state)
 
 
 def _sysctl(ns: str, settings: dict[str, int]) -> None:
@@ -242,6 +403,8 @@ def _build_links(lab: Lab) -> None:
         hv.link("add", ifname="up0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": lab.inet_ns})
         _configure(hv, "up0", "02:77:00:00:00:01", [(UPLINK_HV_ADDRESS, 24), (UPLINK_HV_ADDRESS6, 64)])
         for i, vm in enumerate(lab.vms, start=1):
+            if vm.netns is None:
+                continue  # a guest: its tap is made by _build_guest_links
             hv.link("add", ifname=vm.interface, kind="veth", peer={"ifname": "eth0", "net_ns_fd": vm.netns})
             _configure(hv, vm.interface, f"02:77:00:00:{i:02x}:01", [(vm.gateway, 24), (vm.gateway6, 64)])
 
@@ -255,6 +418,8 @@ def _build_links(lab: Lab) -> None:
                    family=socket.AF_INET6)
 
     for vm in lab.vms:
+        if vm.netns is None:
+            continue
         with IPRoute(netns=vm.netns, flags=0) as ipr:
             _set_up(ipr, "lo")
             _configure(ipr, "eth0", vm.mac, [(vm.address, 24), (vm.address6, 64)])
@@ -337,8 +502,9 @@ def host_config_toml(lab: Lab) -> str:
             f"interface = {q(vm.interface)}",
             f"address = {q(vm.address)}",
             f"address6 = {q(vm.address6)}",
-            f"netns = {q(vm.netns)}",
         ]
+        if vm.netns is not None:
+            lines.append(f"netns = {q(vm.netns)}")
     return "\n".join(lines) + "\n"
 
 
@@ -453,8 +619,11 @@ def load_lab(prefix: str) -> Lab:
     state = _load_state(prefix)
     if state is None or not state.get("complete"):
         raise LabError(f"no complete lab {prefix!r} (no {LAB_ROOT / prefix / 'lab.json'}); run `netskin lab up`")
-    return _make_lab(prefix, state["vms"], Path(state["workdir"]),
-                     {p["name"]: p["pid"] for p in state["processes"]})
+    lab = _make_lab(prefix, state["vms"], Path(state["workdir"]),
+                    {p["name"]: p["pid"] for p in state["processes"]},
+                    guests=state.get("guests", 0), bridge=state.get("bridge", False), accel=state.get("accel"))
+    lab.boot_s = dict(state.get("boot_s", {}))
+    return lab
 
 
 # --- removing --------------------------------------------------------------------------------
@@ -478,6 +647,12 @@ def lab_down(prefix: str) -> None:
         _stop_processes(names, state.get("processes", []))
     except Exception as exc:  # keep going: the namespaces must go regardless
         errors.append(f"stopping processes: {exc!r}")
+
+    if state.get("guests") and f"{prefix}-hv" in names:
+        try:
+            _remove_guest_links(f"{prefix}-hv", state["guests"])
+        except Exception as exc:
+            errors.append(f"removing guest taps: {exc!r}")
 
     for name in sorted(names):
         try:
@@ -509,6 +684,16 @@ def lab_down(prefix: str) -> None:
         errors.append(f"namespaces still present: {leftover}")
     if errors:
         raise LabError(f"lab {prefix!r} not fully removed: " + "; ".join(errors))
+
+
+def _remove_guest_links(hv_ns: str, guests: int) -> None:
+    """The guests' taps and the bridge; they would go with the namespace, but say so plainly."""
+    if hv_ns not in netns.listnetns():
+        return
+    with IPRoute(netns=hv_ns, flags=0) as hv:
+        for ifname in [f"tap-vm{i}" for i in range(1, guests + 1)] + [BRIDGE]:
+            for idx in hv.link_lookup(ifname=ifname):
+                hv.link("del", index=idx)
 
 
 def _ns_id(path: str) -> tuple[int, int] | None:
