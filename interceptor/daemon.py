@@ -34,6 +34,7 @@ from interceptor.library import Entry, SkinLibrary
 from interceptor.profiles import load_profile, profile_dirs
 from interceptor.schema import ConfigError, HostConfig, SkinError, UserError, compile_document, load_host_config
 from interceptor.shell import Shell
+from interceptor.worker import Worker
 from interceptor.timeline import compile_document_timeline
 
 log = logging.getLogger("netskin.daemon")
@@ -76,6 +77,9 @@ class Daemon:
         self._firewall_counters_at = 0.0
         # Asked versus measured, per VM and direction (interceptor.conditions), ticked each second.
         self.conditions: dict[tuple[str, str], tuple[int, ConditionWindow]] = {}
+        # Identity reconciliation and library scans run in a helper process (interceptor.worker),
+        # so they share neither the data path's GIL nor, when pyroute2 forks, its page tables.
+        self.worker = Worker()
         self._stop_requested = False  # SIGINT/SIGTERM: a clean stop (anything else is a crash)
 
     # -- start-up (before the data path runs: blocking is fine here) ----------------------------
@@ -213,7 +217,7 @@ class Daemon:
         try:
             async with self._identity_lock:
                 job = self._identity_job(vm)
-                result = await trio.to_thread.run_sync(reconcile.reconcile, job)
+                result = await self.worker.run("reconcile", job)
                 self._apply_identity(vm, result)
                 return list(result.problems)
         finally:
@@ -280,6 +284,7 @@ class Daemon:
         finally:
             released = self.shell.release_all()
             self.shell.close()
+            self.worker.close()
             log.info("netskin-interceptor stopped (%s): %d held packet(s) released", "steering removed" if clean
                      else "steering left in place, fail_mode applies", released)
 
@@ -445,7 +450,8 @@ class Daemon:
     async def rescan(self) -> None:
         """Re-apply active skins whose drop-in file changed; keep the last good one on error."""
         entries: dict[str, Entry] = {
-            entry.name: entry for entry in await trio.to_thread.run_sync(self.library.entries)}
+            entry.name: entry for entry in await self.worker.run(
+                "scan_library", str(self.library.skins_dir), str(self.library.presets))}
         for vm, assignment in list(self.assignments.items()):
             active = assignment.active
             if active is None:
