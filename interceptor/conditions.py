@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from interceptor.compiled import DirectionSkin
 
 WINDOW_S = 5
 NS_PER_MS = 1_000_000
-MAX_KEPT_SAMPLES = 20_000  # per second: enough for p99; more are thinned evenly
+# Samples are kept as log-spaced histograms (1 % wide bins above 1 µs), so a status request costs
+# the same whatever the packet rate, and quantiles are good to about 1 %.
+_BIN_FLOOR_NS = 1_000
+_LOG_STEP = math.log(1.01)
 LATE_TOLERANCE_MS = 2.0  # release lateness p99 beyond this: the host is falling behind
 Z_999 = 3.29  # two-sided 99.9 % normal quantile, for the loss interval
 
@@ -75,8 +78,8 @@ class _Second:
     passed_bytes: int
     loss_drops: int
     queue_drops: int
-    hold_ns: list[int]  # samples gathered during the second that ended here
-    late_ns: list[int]
+    hold: Counter  # histogram (bin → count) of the samples gathered in the second that ended here
+    late: Counter
     immediate: int  # packets accepted at once during that second (added delay 0)
 
 
@@ -95,7 +98,7 @@ class ConditionWindow:
             at_ns=now_ns, packets=counters["packets"], passed_packets=passed,
             passed_bytes=counters["passed_bytes"], loss_drops=drops.get("loss", 0),
             queue_drops=drops.get("queue", 0) + drops.get("overflow", 0),
-            hold_ns=_thin(hold_ns), late_ns=_thin(late_ns), immediate=immediate))
+            hold=_histogram(hold_ns), late=_histogram(late_ns), immediate=immediate))
 
     def summary(self, asked: Asked) -> tuple[dict, list[str]]:
         """Measured figures over the window, and the lines saying where they leave tolerance."""
@@ -107,13 +110,13 @@ class ConditionWindow:
         packets = last.packets - first.packets
         loss = last.loss_drops - first.loss_drops
         delivered_kbps = (last.passed_bytes - first.passed_bytes) * 8 / 1000 / seconds if seconds else 0.0
-        holds: list[int] = []
-        lates: list[int] = []
+        holds: Counter = Counter()
+        lates: Counter = Counter()
         zeros = 0
         seconds_kbps: list[tuple[float, bool]] = []  # per second: delivered, and did the queue overflow
         for before, tick in zip(ticks, ticks[1:]):
-            holds += tick.hold_ns
-            lates += tick.late_ns
+            holds.update(tick.hold)
+            lates.update(tick.late)
             zeros += tick.immediate
             span = max(tick.at_ns - before.at_ns, 1)
             seconds_kbps.append(((tick.passed_bytes - before.passed_bytes) * 8e6 / span,
@@ -136,24 +139,36 @@ class ConditionWindow:
         return measured, _out_of_tolerance(asked, measured, packets, loss)
 
 
-def _thin(samples: list[int]) -> list[int]:
-    if len(samples) <= MAX_KEPT_SAMPLES:
-        return samples
-    step = len(samples) / MAX_KEPT_SAMPLES
-    return [samples[int(i * step)] for i in range(MAX_KEPT_SAMPLES)]
+def _histogram(samples_ns: list[int]) -> Counter:
+    """Log-spaced bins of the samples; everything under 1 µs shares bin -1 (read back as 0)."""
+    bins: Counter = Counter()
+    log, floor, step = math.log, _BIN_FLOOR_NS, _LOG_STEP
+    for value in samples_ns:
+        bins[int(log(value / floor) / step) if value > floor else -1] += 1
+    return bins
 
 
-def _quantiles(samples_ns: list[int], zeros: int) -> dict | None:
-    """p50 and p99 (ms) of the samples plus ``zeros`` samples of 0."""
-    total = len(samples_ns) + zeros
+def _bin_value_ns(index: int) -> float:
+    return 0.0 if index < 0 else _BIN_FLOOR_NS * math.exp((index + 0.5) * _LOG_STEP)
+
+
+def _quantiles(bins: Counter, zeros: int) -> dict | None:
+    """p50 and p99 (ms) of the histogram plus ``zeros`` samples of 0."""
+    total = sum(bins.values()) + zeros
     if not total:
         return None
-    ordered = sorted(samples_ns)
+    ordered = sorted(bins.items())
 
     def at(q: float) -> float:
         rank = min(total - 1, max(0, math.ceil(q * total) - 1))
-        value = 0 if rank < zeros else ordered[rank - zeros]
-        return round(value / NS_PER_MS, 3)
+        if rank < zeros:
+            return 0.0
+        seen = zeros
+        for index, count in ordered:
+            seen += count
+            if rank < seen:
+                return round(_bin_value_ns(index) / NS_PER_MS, 3)
+        return round(_bin_value_ns(ordered[-1][0]) / NS_PER_MS, 3)
 
     return {"p50": at(0.50), "p99": at(0.99), "samples": total}
 

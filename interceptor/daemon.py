@@ -64,7 +64,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._locks: dict[str, trio.Lock] = {}  # one change at a time per VM
         # Identity (MAC, MTU, ip_address, DNS redirection) is kernel state kept in line with each
-        # VM's skin in a worker thread, one job at a time, from a snapshot (interceptor.reconcile).
+        # VM's skin by the helper process, one job at a time, from a snapshot (interceptor.reconcile).
         self._identity_lock = trio.Lock()
         self._identity_pending: set[str] = set()
         self.identity_problems: dict[str, list[str]] = {}
@@ -333,6 +333,7 @@ class Daemon:
                         self.conditions[(vm, direction)] = (path.generation, window)
                     hold, late = pipe.take_samples()
                     window.tick(now, pipe.snapshot(), hold, late)
+                await trio.lowlevel.checkpoint()  # one VM at a time: the data path runs in between
 
     def _conditions(self, vm: str) -> tuple[dict, list[str]]:
         """Per direction {"asked", "measured"}, and the lines where measured leaves tolerance."""

@@ -40,7 +40,7 @@ def test_a_skin_that_is_met_raises_no_flag():
     window = ConditionWindow()
     run(window, 6, 1000, hold_ms=20, late_ms=0.1, loss=0.05)
     measured, flags = window.summary(asked(delay_ns=20 * MS, loss_probability=0.05))
-    assert measured["added_delay_ms"]["p50"] == 20.0 and measured["window_s"] == 5.0
+    assert abs(measured["added_delay_ms"]["p50"] - 20.0) <= 0.2 and measured["window_s"] == 5.0  # 1 % bins
     assert 4.0 < measured["loss_percent"] < 6.0
     assert abs(measured["delivered_kbps"] - 7600) < 200  # 950 packets of 1000 bytes a second
     assert flags == []
@@ -51,7 +51,7 @@ def test_late_releases_say_the_host_is_not_keeping_up():
     run(window, 6, 1000, hold_ms=25, late_ms=5)
     _, flags = window.summary(asked(delay_ns=20 * MS))
     assert any("late" in line and "not keeping up" in line for line in flags), flags
-    assert any("added delay p50 25.00 ms, asked 20 ms" in line for line in flags), flags
+    assert any(line.startswith("added delay p50 24.9") and "asked 20 ms" in line for line in flags), flags
 
 
 def test_loss_outside_its_interval_is_flagged_both_ways():
