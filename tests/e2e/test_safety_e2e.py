@@ -150,3 +150,26 @@ def test_a_raising_handler_under_fail_closed_drops_and_counts(lab, monkeypatch):
         status = daemon.status("vm1")["vm1"]
         assert status["errors"] == 10 and status["uplink"]["drops"]["error"] == 10, status
         assert measure.ping(lab, "vm1", lab.inet_address, count=5, interval=0.02)["loss_percent"] == 0.0
+
+
+def test_cleanup_after_a_crash_removes_nat_chains_and_address_claims(lab):
+    skin_address = "10.77.0.50"  # inside up0's subnet: the daemon claims it with proxy ARP + a /32
+    write_skin(lab, "claimed", ip_address=skin_address, security_profile="restricted")
+    daemon = DaemonProcess(lab.config_path).start()
+    assert netskin(lab.config_path, "apply", "vm1", "claimed").returncode == 0
+
+    def leftovers() -> dict:
+        nat = lab.exec("hv", ["iptables-save", "-t", "nat"], check=True).stdout
+        proxies = lab.exec("hv", ["ip", "neigh", "show", "proxy"], check=True).stdout
+        route = lab.exec("hv", ["ip", "-4", "route", "show", "exact", f"{skin_address}/32"], check=True).stdout
+        filt = lab.exec("hv", ["iptables-save", "-t", "filter"], check=True).stdout
+        return {"nat": "NETSKIN" in nat, "proxy": skin_address in proxies, "route": bool(route.strip()),
+                "firewall": "NSKFW" in filt}
+
+    assert leftovers() == {"nat": True, "proxy": True, "route": True, "firewall": True}
+    daemon.stop(signal.SIGKILL)
+    assert leftovers() == {"nat": True, "proxy": True, "route": True, "firewall": True}  # a crash cleans nothing
+    out = subprocess.run([*DaemonProcess.command(lab.config_path), "--cleanup"], capture_output=True, text=True,
+                         check=True)
+    assert "NAT chains" in out.stdout and skin_address in out.stdout, out.stdout
+    assert leftovers() == {"nat": False, "proxy": False, "route": False, "firewall": False}
