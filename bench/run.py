@@ -1,6 +1,6 @@
 """netskin's benchmark: speed against a bare NFQUEUE loop, and fidelity against what a skin asks.
 
-    python -m bench.run [--quick] [--only pause] [--json FILE]
+    python -m bench.run [--quick] [--only pause|trace] [--json FILE]
 
 Builds a private lab (``manager.lab``, a random prefix, removed at the end), then measures in one
 run, so every ratio compares numbers taken on the same machine minutes apart:
@@ -11,7 +11,9 @@ run, so every ratio compares numbers taken on the same machine minutes apart:
 - fidelity (issue 3): added-delay error, the engine's own delay floor, UDP and TCP rates against
   ``bandwidth_limit_kbps``, loss against its binomial interval, CPU per packet with a full skin;
 - the data path's longest pause while skin files are rewritten and applies run (``bench.pause``;
-  in the full run, or alone with ``--only pause``).
+  in the full run, or alone with ``--only pause``);
+- trace-driven links: saturating UDP per one-second window through shipped Mahimahi traces
+  against each trace's capacity (``bench.trace``; in every run, or alone with ``--only trace``).
 
 The daemon runs with ``fail_mode = closed`` here: when it cannot keep up the kernel drops, and
 the drop is measured, instead of letting packets bypass it unseen.
@@ -37,6 +39,7 @@ from rich.table import Table
 
 from bench.harness import Harness, cpu_seconds
 from bench.pause import PausePlan, measure_pause
+from bench.trace import TracePlan, measure_trace
 from bench.stats import binomial_interval, median, percentile
 from manager.lab import lab_down, lab_up
 
@@ -76,6 +79,8 @@ class Plan:
     # Held-packet lateness under control-plane churn; None leaves the row out. The 50 CLI
     # applies alone take about 30 s here, too long for the quick run.
     pause: PausePlan | None = PausePlan()
+    # Trace-driven links (uplink.trace): throughput per second against the trace's capacity.
+    trace: TracePlan | None = TracePlan()
 
 
 FULL = Plan(quick=False)
@@ -259,6 +264,7 @@ class Results:
     speed: dict = field(default_factory=dict)
     fidelity: dict = field(default_factory=dict)
     pause: dict = field(default_factory=dict)
+    trace: dict = field(default_factory=dict)
     summary: list = field(default_factory=list)
     summary_markdown: str = ""
     notes: list = field(default_factory=list)
@@ -334,12 +340,19 @@ def measure(h: Harness, plan: Plan, results: Results) -> None:
 
     if plan.pause:
         measure_pause_row(h, plan.pause, results)
+    if plan.trace:
+        measure_trace_row(h, plan.trace, results)
 
 
 def measure_pause_row(h: Harness, plan: PausePlan, results: Results) -> None:
     step(f"data-path pause: lateness of held packets at {plan.rate_pps} pkt/s, alone, then while "
          f"{plan.file_rewrites} skin files are rewritten and {plan.applies} applies run (fresh daemon)")
     results.pause = measure_pause(h, plan)
+
+
+def measure_trace_row(h: Harness, plan: TracePlan, results: Results) -> None:
+    step(f"trace-driven uplink: saturating UDP per second through {', '.join(plan.traces)} (fresh daemon)")
+    results.trace = measure_trace(h, plan)
 
 
 # --- judging and printing --------------------------------------------------------------------
@@ -433,6 +446,15 @@ def summarize_pause(results: Results) -> None:
             "daemon's own: its event loop busy with the reloads and applies.")
     if churn["apply_failures"]:
         notes.append(f"Pause row: {len(churn['apply_failures'])} applies failed, first: {churn['apply_failures'][0]}")
+
+
+def summarize_trace(results: Results) -> None:
+    for run in results.trace["runs"]:
+        median_error, worst = run["median_error"], run["worst_error"]
+        results.summary.append({
+            "metric": f"UDP per 1 s window through trace {run['trace']} (uplink, of its {run['peak_mbit_s']:g} Mbit/s peak)",
+            "measured": f"median {100 * median_error:+.2f} %, worst {100 * worst:+.2f} % ({len(run['windows'])} windows)",
+            "goal": "±3 %", "met": abs(median_error) <= 0.03 and abs(worst) <= 0.03, "value": median_error})
 
 
 def print_pause(pause: dict) -> None:
@@ -546,12 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rates (about 2 minutes)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the lab's logs and configs")
-    parser.add_argument("--only", choices=["pause"],
-                        help="run only this row: pause = the data path's longest pause under skin churn")
+    parser.add_argument("--only", choices=["pause", "trace"],
+                        help="run only this row: pause = the data path's longest pause under skin churn, "
+                             "trace = throughput per second through the shipped traces")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.only == "pause":
         plan = replace(plan, pause=plan.pause or PausePlan())
+    if args.only == "trace":
+        plan = replace(plan, trace=plan.trace or TracePlan())
 
     started = time.monotonic()
     prefix = "nskb" + secrets.token_hex(4)
@@ -565,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.only == "pause":
                 measure_pause_row(harness, plan.pause, results)
+            elif args.only == "trace":
+                measure_trace_row(harness, plan.trace, results)
             else:
                 measure(harness, plan, results)
         finally:
@@ -581,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         summarize(results, plan)
     if results.pause:
         summarize_pause(results)
+    if results.trace:
+        summarize_trace(results)
     results.runtime_s = time.monotonic() - started
     if results.speed:
         print_tables(results, plan)
@@ -591,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     print(results.summary_markdown, flush=True)
     for note in results.notes:
         out.print(f"Note: {note}")
-    kind = "pause row" if args.only else "quick" if plan.quick else "full"
+    kind = f"{args.only} row" if args.only else "quick" if plan.quick else "full"
     out.print(f"{kind} run, {results.runtime_s:.0f} s, "
               f"daemon fail_mode = closed, 1 VM, {os.cpu_count()} cores")
     if args.json:

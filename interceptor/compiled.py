@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the engine imports this module; only type names are needed from it
     from interceptor.engine.dns import CompiledDns
+    from interceptor.engine.trace import CompiledTrace
     from interceptor.profiles import CompiledProfile
 
 NS_PER_MS = 1_000_000
@@ -47,6 +48,8 @@ class DirectionSkin:
     reorder_probability: float = 0.0  # share of packets sent ahead of the delay queue
     ns_per_byte: float = 0.0  # 0 = unlimited; 8e9 / (rate_kbps * 1000) otherwise
     queue_limit_ns: int = 500 * NS_PER_MS  # backlog allowed behind the rate limit
+    # Delivery opportunities (Mahimahi) replacing the rate; ns_per_byte is then the trace's mean.
+    trace: CompiledTrace | None = None
 
     @property
     def is_passthrough(self) -> bool:

@@ -129,7 +129,7 @@ class Daemon:
         """Compile a stored skin and resolve its security profile (``UserError`` if either fails)."""
         if copy is None:
             return NO_SKIN
-        compiled = compile_document(copy.document, copy.name)
+        compiled = compile_document(copy.document, copy.name, copy.source)
         if compiled.security_profile:
             compiled = replace(compiled, firewall=load_profile(compiled.security_profile, self.profile_dirs))
         timeline = compile_document_timeline(copy.document, copy.name, compiled, copy.source)

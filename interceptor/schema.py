@@ -7,6 +7,7 @@ into the ``interceptor.compiled.CompiledSkin`` the engine reads; all unit conver
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -27,13 +28,16 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyAddress,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
+from interceptor import traces
 from interceptor.compiled import NS_PER_MS, CompiledSkin, DirectionSkin, GilbertElliott
 from interceptor.engine.dns import CompiledDns, compile_dns
 
@@ -207,6 +211,71 @@ def load_host_config(path: str | Path | None = None) -> HostConfig:
 # --- skins ----------------------------------------------------------------------------------
 
 
+class Trace(_Strict):
+    """A trace-driven link (``uplink.trace`` / ``downlink.trace``), replacing the rate.
+
+    Written as a file name (Mahimahi delivery opportunities; relative names are looked up beside
+    the skin file, then in the shipped ``rules/traces``), ``{file: NAME}``, or a series
+    ``{interval_ms, kbps: [...]}``. The trace is read and compiled here, during validation, so
+    ``skins validate`` reports a bad trace and compiling reuses the result.
+    """
+
+    file: Annotated[str, Field(min_length=1)] | None = None
+    interval_ms: Annotated[float, Field(ge=traces.MIN_INTERVAL_MS, le=3_600_000, strict=True)] | None = None
+    kbps: list[Annotated[float, Field(strict=True)]] | None = None
+    _compiled: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"file": value}
+        if not isinstance(value, (dict, Trace)):
+            raise ValueError(f"expected a trace file name or {{interval_ms, kbps: [...]}}, got {_kind(value)}")
+        return value
+
+    @field_validator("kbps")
+    @classmethod
+    def _rates(cls, kbps: list[float] | None) -> list[float] | None:
+        if kbps is not None:
+            if not kbps:
+                raise ValueError("the series is empty (give one rate per interval)")
+            for index, rate in enumerate(kbps):
+                if rate < 0:
+                    raise ValueError(f"{_show(rate)} (interval {index}) is negative (allowed ≥ 0)")
+        return kbps
+
+    @model_validator(mode="after")
+    def _load(self, info: ValidationInfo) -> Trace:
+        series = self.interval_ms is not None or self.kbps is not None
+        if (self.file is None) == (not series):
+            raise ValueError("give a trace file name, or a series {interval_ms, kbps: [...]}, not both")
+        try:
+            if self.file is not None:
+                self._compiled = traces.load_file(self.file, (info.context or {}).get("base_dir"))
+            elif self.interval_ms is None or self.kbps is None:
+                missing = "interval_ms" if self.interval_ms is None else "kbps"
+                raise ValueError(f"a series needs {missing} too")
+            else:
+                self._compiled = traces.compile_series(self.interval_ms, self.kbps)
+        except traces.TraceError as error:
+            raise ValueError(str(error)) from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        if self.file is not None:
+            return self.file
+        return {"interval_ms": self.interval_ms, "kbps": self.kbps}
+
+    def compiled(self, base_dir: Path | None = None) -> Any:
+        """The ``CompiledTrace`` (loaded during validation; again here if built without it)."""
+        if self._compiled is None:
+            self._compiled = (traces.load_file(self.file, base_dir) if self.file is not None
+                              else traces.compile_series(self.interval_ms, self.kbps))
+        return self._compiled
+
+
 class Direction(_Strict):
     """Per-direction overrides; one-way values (``delay_ms`` is added in this direction only)."""
 
@@ -216,6 +285,14 @@ class Direction(_Strict):
     jitter_correlation_ms: CorrelationMs | None = None
     loss_percent: Percent | None = None
     rate_kbps: Kbps | None = None
+    trace: Trace | None = None  # delivery opportunities replacing the rate in this direction
+
+    @model_validator(mode="after")
+    def _rate_or_trace(self) -> Direction:
+        if self.trace is not None and self.rate_kbps is not None:
+            raise ValueError("trace: a trace replaces the rate; remove rate_kbps or trace")
+        return self
+
 
 
 class GilbertElliottPercent(_Strict):
@@ -302,6 +379,7 @@ class Skin(_Strict):
     # Identity fields this skin can do without where the host cannot set them (a VM with no
     # netns cannot get a MAC): applying then succeeds and status says what was left unset.
     optional: list[Literal["mac_address", "mtu"]] = []
+    _base_dir: Path | None = PrivateAttr(default=None)  # the skin file's directory (traces)
 
     @field_validator("name", "skin_name")
     @classmethod
@@ -436,12 +514,19 @@ def _conflict(field: str, value: Any, alias: str, alias_value: Any) -> str:
     )
 
 
-def validate_skin(data: Any, default_name: str | None = None) -> Skin:
-    """Validate a parsed skin document; ``default_name`` is used when it names no skin."""
+def validate_skin(data: Any, default_name: str | None = None, base_dir: str | Path | None = None) -> Skin:
+    """Validate a parsed skin document; ``default_name`` is used when it names no skin.
+
+    ``base_dir``: the skin file's directory, where relative trace file names are looked up
+    first (then the shipped ``rules/traces``).
+    """
+    base = None if base_dir is None else Path(base_dir)
     try:
-        return Skin.model_validate(data, context={"default_name": default_name})
+        skin = Skin.model_validate(data, context={"default_name": default_name, "base_dir": base})
     except ValidationError as error:
         raise SkinError(format_validation_error(error, Skin)) from None
+    skin._base_dir = base
+    return skin
 
 
 def load_skin_file(path: str | Path, default_name: str | None = None) -> Skin:
@@ -454,7 +539,7 @@ def read_skin_file(path: str | Path, default_name: str | None = None) -> tuple[d
     path = Path(path)
     data = _read_document(path, SkinError)
     try:
-        return data, validate_skin(data, default_name or path.stem)
+        return data, validate_skin(data, default_name or path.stem, base_dir=path.parent)
     except SkinError as error:
         raise SkinError([f"{path}: {line}" for line in error.lines]) from None
 
@@ -463,8 +548,8 @@ def compile_skin(skin: Skin) -> CompiledSkin:
     """Convert a valid skin into the engine's units: nanoseconds, probabilities, ns per byte."""
     return CompiledSkin(
         name=skin.name,
-        uplink=_compile_direction(skin, "uplink"),
-        downlink=_compile_direction(skin, "downlink"),
+        uplink=_with_trace(skin, "uplink", _compile_direction(skin, "uplink")),
+        downlink=_with_trace(skin, "downlink", _compile_direction(skin, "downlink")),
         qos_weight=skin.qos_priority,
         security_profile=skin.security_profile,
         dns_servers=tuple(str(server) for server in skin.dns_servers),
@@ -476,6 +561,19 @@ def compile_skin(skin: Skin) -> CompiledSkin:
     )
 
 
+def _with_trace(skin: Skin, direction: Literal["uplink", "downlink"], compiled: DirectionSkin) -> DirectionSkin:
+    """The direction with its trace, if it has one: the trace replaces the rate, and
+    ``ns_per_byte`` carries the trace's mean rate (what status shows; never passthrough)."""
+    override = getattr(skin, direction)
+    if override is None or override.trace is None:
+        return compiled
+    try:
+        trace = override.trace.compiled(skin._base_dir)
+    except traces.TraceError as error:
+        raise SkinError(f"{direction}.trace: {error}") from None
+    return dataclasses.replace(compiled, ns_per_byte=trace.mean_ns_per_byte, trace=trace)
+
+
 def _compile_dns(dns: DnsConfig | None) -> CompiledDns | None:
     if dns is None or not (dns.rewrite or dns.block or dns.delay_ms):
         return None
@@ -483,12 +581,14 @@ def _compile_dns(dns: DnsConfig | None) -> CompiledDns | None:
                        list(dns.block), dns.ttl, dns.delay_ms)
 
 
-def compile_document(document: Any, name: str) -> CompiledSkin:
+def compile_document(document: Any, name: str, source: str | Path | None = None) -> CompiledSkin:
     """Validate and compile a stored skin document (a shadow copy, say); ``SkinError`` if invalid.
 
     ``name`` names the skin when the document itself does not (it came from a file stem).
+    ``source``: the file the document came from; relative trace names are looked up beside it.
     """
-    return compile_skin(validate_skin(document, default_name=name))
+    base_dir = Path(source).parent if source else None
+    return compile_skin(validate_skin(document, default_name=name, base_dir=base_dir))
 
 
 def _compile_direction(skin: Skin, direction: Literal["uplink", "downlink"]) -> DirectionSkin:

@@ -5,11 +5,16 @@ finishes sending what it has already accepted. A packet starts when the link is 
 sent ``size * ns_per_byte`` later, and that instant is its ready time. The backlog is the time
 the link is already committed for, so the queue limit is a limit on queueing delay, the way
 ``sch_fq`` (``time_next_packet``) and ``tc-tbf latency`` think about it.
+
+A direction with a trace (``skin.trace``) is shaped by ``interceptor.engine.trace`` instead; its
+compiled ``ns_per_byte`` is the trace's mean rate, so the unlimited fast path stays one test.
 """
 
 from __future__ import annotations
 
 from interceptor.compiled import DirectionSkin
+
+from .trace import shape_trace
 
 
 class RateClock:
@@ -18,13 +23,23 @@ class RateClock:
     ``carry_ns`` is the fraction of a nanosecond not yet charged: per-packet transmission times
     are whole ns (floor of the exact value plus the carry), so the sum over any run is exact to
     within 1 ns and the long-run rate does not drift whatever ``ns_per_byte`` is.
+
+    The ``trace_*`` fields are the trace stage's position (see ``engine.trace.shape_trace``):
+    the trace in force, its origin, and where the last accepted packet ended in it.
+    ``next_free_ns`` is shared, so a backlog built under one stage delays the other.
     """
 
-    __slots__ = ("next_free_ns", "carry_ns")
+    __slots__ = ("next_free_ns", "carry_ns", "trace", "trace_origin_ns", "trace_index",
+                 "trace_left_bytes", "trace_ready_ns")
 
     def __init__(self) -> None:
         self.next_free_ns = 0
         self.carry_ns = 0.0
+        self.trace = None
+        self.trace_origin_ns = 0
+        self.trace_index = 0
+        self.trace_left_bytes = 0
+        self.trace_ready_ns = -1
 
 
 def shape(skin: DirectionSkin, clock: RateClock, size: int, now_ns: int) -> int | None:
@@ -42,6 +57,9 @@ def shape(skin: DirectionSkin, clock: RateClock, size: int, now_ns: int) -> int 
     ns_per_byte = skin.ns_per_byte
     if not ns_per_byte:
         return now_ns
+    trace = skin.trace
+    if trace is not None:
+        return shape_trace(trace, clock, size, now_ns, skin.queue_limit_ns)
     start = clock.next_free_ns
     exact = size * ns_per_byte + clock.carry_ns
     tx_ns = int(exact)
