@@ -35,6 +35,8 @@ class Assignment:
     original: dict | None = None  # identity captured before the first skin
     reload_error: str | None = None
     identity: dict = field(default_factory=dict)  # identity state the daemon applied (ip rules etc.)
+    # The active skin's timeline as started: {"start_unix_ns", "seed"}, so a restart stays in phase.
+    timeline: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the engine imports this module; only type names are needed from it
     from interceptor.engine.dns import CompiledDns
     from interceptor.engine.trace import CompiledTrace
+    from interceptor.engine.timeline import CompiledTimeline
     from interceptor.profiles import CompiledProfile
 
 NS_PER_MS = 1_000_000
@@ -81,6 +82,8 @@ class CompiledSkin:
     mac_address: str | None = None
     mtu: int | None = None
     optional: frozenset[str] = frozenset()  # identity fields that may stay unset on this host
+    # Conditions over time: every step precompiled; the VM's step clock swaps them in (engine/timeline.py).
+    timeline: CompiledTimeline | None = None
 
 
 NO_SKIN = CompiledSkin(name="")

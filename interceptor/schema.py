@@ -40,6 +40,7 @@ from pydantic import (
 from interceptor import traces
 from interceptor.compiled import NS_PER_MS, CompiledSkin, DirectionSkin, GilbertElliott
 from interceptor.engine.dns import CompiledDns, compile_dns
+from interceptor.timeline import Timeline
 
 DEFAULT_CONFIG_PATH = Path("/etc/netskin/netskin.toml")
 CONFIG_ENV = "NETSKIN_CONFIG"
@@ -294,7 +295,6 @@ class Direction(_Strict):
         return self
 
 
-
 class GilbertElliottPercent(_Strict):
     """Pumba's --pg/--pr/--ph/--pk convention, all in percent."""
 
@@ -379,6 +379,7 @@ class Skin(_Strict):
     # Identity fields this skin can do without where the host cannot set them (a VM with no
     # netns cannot get a MAC): applying then succeeds and status says what was left unset.
     optional: list[Literal["mac_address", "mtu"]] = []
+    timeline: Timeline | None = None  # conditions that change over time (interceptor.timeline)
     _base_dir: Path | None = PrivateAttr(default=None)  # the skin file's directory (traces)
 
     @field_validator("name", "skin_name")
@@ -526,6 +527,12 @@ def validate_skin(data: Any, default_name: str | None = None, base_dir: str | Pa
     except ValidationError as error:
         raise SkinError(format_validation_error(error, Skin)) from None
     skin._base_dir = base
+    if skin.timeline is not None:
+        from interceptor.timeline import step_skins  # it validates each step as a skin of this module
+
+        problems = step_skins(skin)[1]
+        if problems:
+            raise SkinError(problems)
     return skin
 
 

@@ -18,7 +18,7 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from interceptor.engine.timeline import CompiledStep, CompiledTimeline
 
@@ -180,13 +180,12 @@ def step_skins(skin: Skin) -> tuple[list[Skin], list[str]]:
 
     Problems are one line each, naming ``timeline.steps[i]...`` the field, the value and the rule.
     """
-    from pydantic import ValidationError
-
     from interceptor.schema import Skin as SkinModel
     from interceptor.schema import _format_one
 
     timeline = skin.timeline
     base = base_document(skin)
+    base_dir = getattr(skin, "_base_dir", None)  # where the skin's trace files are looked up
     skins: list[Skin] = []
     problems: list[str] = []
     total_slices = 0
@@ -208,9 +207,9 @@ def step_skins(skin: Skin) -> tuple[list[Skin], list[str]]:
             skins.append(previous)
             continue
         try:
-            stepped = SkinModel.model_validate(overlay(base, step.overlay),
-                                               context={"base_dir": skin._base_dir})
-            stepped._base_dir = skin._base_dir
+            stepped = SkinModel.model_validate(overlay(base, step.overlay), context={"base_dir": base_dir})
+            if base_dir is not None:
+                stepped._base_dir = base_dir
         except ValidationError as error:
             for detail in error.errors():
                 line = _format_one(detail, SkinModel)
@@ -340,9 +339,15 @@ def compile_document_timeline(document: dict, name: str, base: CompiledSkin,
         return None
     from pathlib import Path
 
-    from interceptor.schema import validate_skin
+    from interceptor.schema import Skin, SkinError, _format_one
 
-    skin = validate_skin(document, default_name=name, base_dir=Path(source).parent if source else None)
+    base_dir = Path(source).parent if source else None
+    try:
+        skin = Skin.model_validate(document, context={"default_name": name, "base_dir": base_dir})
+    except ValidationError as error:
+        raise SkinError([_format_one(detail, Skin) for detail in error.errors()]) from None
+    if base_dir is not None:
+        skin._base_dir = base_dir
     return compile_timeline(skin, base)
 
 
