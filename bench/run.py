@@ -37,6 +37,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from bench import jitter
 from bench.harness import Harness, cpu_seconds
 from bench.pause import PausePlan, measure_pause
 from bench.trace import TracePlan, measure_trace
@@ -264,6 +265,7 @@ class Results:
     speed: dict = field(default_factory=dict)
     fidelity: dict = field(default_factory=dict)
     pause: dict = field(default_factory=dict)
+    jitter: dict = field(default_factory=dict)
     trace: dict = field(default_factory=dict)
     summary: list = field(default_factory=list)
     summary_markdown: str = ""
@@ -338,6 +340,9 @@ def measure(h: Harness, plan: Plan, results: Results) -> None:
     finally:
         h.stop_daemon(daemon)
 
+    step("jitter: one-way delay p10/p50/p90 of delay 20 ± 10 ms, uniform uplink and normal downlink, "
+         f"at {', '.join(map(str, jitter.RATES_PPS))} pkt/s (fresh daemon)")
+    results.jitter = jitter.measure(h, plan.quick)
     if plan.pause:
         measure_pause_row(h, plan.pause, results)
     if plan.trace:
@@ -606,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if results.speed:
         summarize(results, plan)
+    if results.jitter:
+        results.summary.extend(jitter.rows(results.jitter))
     if results.pause:
         summarize_pause(results)
     if results.trace:

@@ -43,7 +43,7 @@ and then and holds a packet a little longer, only while the delay falls from a p
 The line is FIFO on purpose: the departure is ``max(candidate, last_departure_ns)``. netem lets
 jitter reorder packets and users hate it (TCP reads it as loss and collapses); here order is
 kept unless reordering is asked for. Delays below zero (jitter reaching past the delay) are
-clamped to zero: a packet never departs before it is ready.
+clamped to zero (1 ns): a packet never departs before it is ready.
 """
 
 from __future__ import annotations
@@ -96,8 +96,11 @@ def departure(skin: DirectionSkin, line: DelayLine, ready_ns: int, random: Calla
     jitter = skin.jitter_ns
     if jitter:
         departure += jitter_offset_ns(skin, line, ready_ns, random)
-        if departure < ready_ns:
-            departure = ready_ns
+        if departure <= ready_ns:
+            # Clamped (jitter reaching below zero delay): 1 ns, not 0, so the packet is held
+            # rather than accepted on arrival, where it could pass one ahead of it that is due
+            # but not yet released by the shell.
+            departure = ready_ns + 1
     if departure < line.last_departure_ns:
         return line.last_departure_ns
     line.last_departure_ns = departure
