@@ -267,6 +267,7 @@ class Results:
     pause: dict = field(default_factory=dict)
     jitter: dict = field(default_factory=dict)
     trace: dict = field(default_factory=dict)
+    timeline: dict = field(default_factory=dict)
     summary: list = field(default_factory=list)
     summary_markdown: str = ""
     notes: list = field(default_factory=list)
@@ -347,6 +348,20 @@ def measure(h: Harness, plan: Plan, results: Results) -> None:
         measure_pause_row(h, plan.pause, results)
     if plan.trace:
         measure_trace_row(h, plan.trace, results)
+    measure_timeline_rows(h, plan, results)
+
+
+def measure_timeline_rows(h: Harness, plan: Plan, results: Results) -> None:
+    from bench import timeline
+
+    seconds = 20.0 if plan.quick else 60.0
+    step(f"timeline: outages (2 s up, 0.5 s 100 % loss) probed at 1000 pkt/s for {seconds:.0f} s, then a "
+         f"latency ramp 0 → {timeline.RAMP_TO_MS} ms over {timeline.RAMP_S} s probed by RTT (fresh daemon)")
+    daemon = h.start_daemon()
+    try:
+        results.timeline = timeline.measure(h.lab, h.request, lambda doc: h.add_skins([doc]), seconds)
+    finally:
+        h.stop_daemon(daemon)
 
 
 def measure_pause_row(h: Harness, plan: PausePlan, results: Results) -> None:
@@ -617,6 +632,10 @@ def main(argv: list[str] | None = None) -> int:
         summarize_pause(results)
     if results.trace:
         summarize_trace(results)
+    if results.timeline:
+        from bench import timeline
+
+        results.summary.extend(timeline.rows(results.timeline))
     results.runtime_s = time.monotonic() - started
     if results.speed:
         print_tables(results, plan)

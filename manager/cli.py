@@ -401,6 +401,41 @@ def status_cmd(ctx: typer.Context, vm: Annotated[Optional[str], typer.Argument(h
             typer.echo(f"{name}: problem: {problem}")
         if st.get("reload_error"):
             typer.echo(f"{name}: reload error: {st['reload_error']}")
+        if st.get("timeline"):
+            typer.echo(f"{name}: timeline {_timeline_text(st['timeline'])}")
+
+
+def _timeline_text(timeline: dict) -> str:
+    """`step 2/3, cycle 4/forever, next step in 1.2 s; ramp latency_ms 75 → 200` for status."""
+    if timeline["state"] == "waiting":
+        return f"starts in {_seconds(timeline['next_change_in_ms'])}"
+    if timeline["state"] == "holding":
+        cycles = timeline["repeat"]
+        return f"done: holding step {timeline['steps']}/{timeline['steps']} (after {cycles} cycle{'s' * (cycles != 1)})"
+    text = (f"step {timeline['step']}/{timeline['steps']}, cycle {timeline['cycle']}/{timeline['repeat']}, "
+            f"next step in {_seconds(timeline['next_change_in_ms'])}")
+    ramps = ", ".join(f"{field} {_number(r['now'])} → {_number(r['to'])}"
+                      for field, r in (timeline.get("ramp") or {}).items())
+    return f"{text}; ramp {ramps}" if ramps else text
+
+
+def _timeline_cell(timeline: dict | None) -> str:
+    """The compact form for `top`: `2/3 +1.2s`."""
+    if not timeline:
+        return "-"
+    if timeline["state"] == "waiting":
+        return f"start +{_seconds(timeline['next_change_in_ms'], short=True)}"
+    if timeline["state"] == "holding":
+        return f"{timeline['steps']}/{timeline['steps']} held"
+    ramp = " ramp" if timeline.get("ramp") else ""
+    return f"{timeline['step']}/{timeline['steps']}{ramp} +{_seconds(timeline['next_change_in_ms'], short=True)}"
+
+
+def _seconds(ms: float, short: bool = False) -> str:
+    seconds = ms / 1000
+    if seconds >= 120:
+        return f"{seconds / 60:.1f}{'m' if short else ' min'}"
+    return f"{seconds:.1f}{'s' if short else ' s'}"
 
 
 @app.command("top")
@@ -453,7 +488,7 @@ def _top_data(current: dict, previous: dict, elapsed: float) -> dict:
     seconds = max(elapsed, 1e-6)
     vms = {}
     for name, st in current.items():
-        vms[name] = {"active": st["active"], "generation": st["generation"]}
+        vms[name] = {"active": st["active"], "generation": st["generation"], "timeline": st.get("timeline")}
         for direction in ("uplink", "downlink"):
             c = st[direction]
             p = previous.get(name, {}).get(direction)  # None for a VM that just appeared
@@ -468,15 +503,17 @@ def _top_data(current: dict, previous: dict, elapsed: float) -> dict:
 
 def _top_table(current: dict, previous: dict | None, elapsed: float) -> Table:
     table = Table(box=box.SIMPLE_HEAD, title="netskin top")
-    for heading in ("vm", "skin", "dir", "pkt/s", "kbit/s", "drops/s", "drops total", "queue pkts", "queue bytes"):
-        table.add_column(heading, justify="left" if heading in ("vm", "skin", "dir") else "right")
+    for heading in ("vm", "skin", "step", "dir", "pkt/s", "kbit/s", "drops/s", "drops total", "queue pkts",
+                    "queue bytes"):
+        table.add_column(heading, justify="left" if heading in ("vm", "skin", "step", "dir") else "right")
     for name, st in current.items():
         for direction in ("uplink", "downlink"):
             c = st[direction]
             p = previous[name][direction] if previous and name in previous else c
             dt = max(elapsed, 1e-6) if previous else 1.0
             rate = lambda key: (c[key] - p[key]) / dt  # noqa: E731
-            table.add_row(name, st["active"] or "-", direction, f"{rate('packets'):.0f}",
+            table.add_row(name, st["active"] or "-", _timeline_cell(st.get("timeline")), direction,
+                          f"{rate('packets'):.0f}",
                           f"{rate('bytes') * 8 / 1000:.1f}", f"{rate('dropped_packets'):.0f}",
                           str(c["dropped_packets"]), str(c["held_packets"]), str(c["held_bytes"]))
     return table
