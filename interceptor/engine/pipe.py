@@ -129,7 +129,9 @@ class Pipe:
             self.count_drop(DROP_QUEUE, size)
             return DROP_QUEUE
         departure_ns = departure(skin, self.line, ready, random)
-        if departure_ns <= now_ns:
+        # Due already, but a packet ahead of it may still be waiting for the release timer: then
+        # it is held too (released right behind that one), so it can never overtake.
+        if departure_ns <= now_ns and not self.held_packets:
             self.passed_packets += 1
             self.passed_bytes += size
             return ACCEPT
