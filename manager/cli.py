@@ -537,15 +537,26 @@ def lab_up_cmd(ctx: typer.Context, vms: Annotated[int, typer.Option(min=1, max=5
                    "--config", metavar="PATH", show_default=False,
                    help="Also write the lab's host configuration here (never over a file lab up did not "
                         "write).")] = None,
+               guests: Annotated[int, typer.Option(
+                   min=0, max=8, help="Boot this many QEMU guests as the VMs instead of namespaces (the guest "
+                                      "image is built from Debian packages at first use and cached).")] = 0,
+               bridge: Annotated[bool, typer.Option(
+                   "--bridge", help="With --guests: the guests' taps are ports of a bridge the hypervisor "
+                                    "routes and NATs for (libvirt's default), not routed taps.")] = False,
                as_json: JsonOption = False) -> None:
-    """Build the lab: a hypervisor, N VMs and an internet namespace; write its host config."""
+    """Build the lab: a hypervisor, N VMs (namespaces or QEMU guests) and an internet namespace."""
     from manager.lab import LabError, lab_down, lab_up
 
     target = config_option(ctx, config)
     if target is not None:
         _check_lab_config_target(target)
+    if bridge and not guests:
+        fail("--bridge is a layout for guests; add --guests N")
     try:
-        lab = lab_up(prefix, vms)
+        if guests:
+            lab = lab_up(prefix, 0, guests=guests, bridge=bridge, say=lambda text: typer.echo(text, err=True))
+        else:
+            lab = lab_up(prefix, vms)
     except LabError as exc:
         fail(f"{exc}")
     config_path = lab.config_path
@@ -557,9 +568,16 @@ def lab_up_cmd(ctx: typer.Context, vms: Annotated[int, typer.Option(min=1, max=5
             fail(f"cannot write {target}: {exc.strerror}; lab {prefix} removed again; choose another --config path")
         config_path = target
     if json_option(ctx, as_json):
-        print_json({"prefix": lab.prefix, "config": str(config_path), "namespaces": lab.namespaces})
+        print_json({"prefix": lab.prefix, "config": str(config_path), "namespaces": lab.namespaces,
+                    **({"accel": lab.accel, "bridge": lab.bridge,
+                        "guests": {vm.name: {"interface": vm.interface, "address": vm.address,
+                                             "address6": vm.address6, "boot_s": lab.boot_s.get(vm.name)}
+                                   for vm in lab.guests}} if lab.guests else {})})
         return
     typer.echo(f"lab {lab.prefix} up: {', '.join(lab.namespaces)}")
+    for vm in lab.guests:
+        typer.echo(f"guest {vm.name}: {vm.address} on {vm.interface}" + (f" (port of {lab.bridge})" if lab.bridge else "")
+                   + f", booted with {lab.accel.upper()} in {lab.boot_s.get(vm.name, 0):.1f} s")
     typer.echo(f"host config: {config_path}")
     typer.echo(f"start the daemon:  netskin-interceptor --config {config_path}")
 
@@ -612,16 +630,19 @@ def demo_cmd(ctx: typer.Context, skin: Annotated[str, typer.Option(help="The ski
                  help="Host configuration whose skins (skins_dir) --skin may name besides the presets "
                       "(default: $NETSKIN_CONFIG, else /etc/netskin/netskin.toml if it exists); its VMs "
                       "and daemon are not touched.")] = None,
+             guests: Annotated[bool, typer.Option(
+                 "--guests", help="Measure a real QEMU guest on a routed tap instead of a namespace VM.")] = False,
              as_json: JsonOption = False) -> None:
     """Lab up, daemon started, a skin applied, and its effect measured before and after."""
     from manager.demo import run_demo
+    from manager.guests import run_guest_demo
     from manager.lab import LabError
 
     as_json = json_option(ctx, as_json)
     skins_dir = load_config(ctx, config).skins_dir
     try:
-        result = _daemon_call(run_demo, skin, prefix, None if as_json else console, skins_dir, vm="vm1",
-                              as_json=as_json)
+        result = _daemon_call(run_guest_demo if guests else run_demo, skin, prefix, None if as_json else console,
+                              skins_dir, vm="vm1", as_json=as_json)
     except LabError as exc:
         fail(f"{exc}")
     if as_json:
