@@ -228,7 +228,8 @@ echo "nameserver $(arg dns)" > /etc/resolv.conf
 
 iperf3 -s -p @IPERF3_PORT@ -D
 socat TCP6-LISTEN:@ECHO_PORT@,fork,reuseaddr,ipv6only=0 PIPE &
-socat UDP6-RECVFROM:@ECHO_PORT@,fork,reuseaddr,ipv6only=0 PIPE &
+# One child per peer, connected to it, echoing until 10 s of silence: no fork per datagram.
+socat -T 10 UDP6-LISTEN:@ECHO_PORT@,fork,reuseaddr,ipv6only=0 PIPE &
 
 # The console: one request per line, "ID BASE64-COMMAND"; the answer is the output in base64
 # between "@@NSK-BEGIN ID" and "@@NSK-END ID EXIT-CODE".
@@ -694,3 +695,77 @@ def wait_console_socket(spec: GuestSpec, proc: subprocess.Popen, timeout: float 
         if time.monotonic() > deadline:
             raise GuestError(f"QEMU for {spec.net.name} made no console socket in {timeout:.0f} s")
         time.sleep(0.05)
+
+
+# --- the demo on a guest ---------------------------------------------------------------------
+
+
+def measure_guest(lab, vm: str = "vm1", seconds: float = 3.0) -> dict:
+    """The demo's figures for a lab guest, measured from the internet namespace towards it."""
+    from manager import measure
+
+    address = lab.vm(vm).address
+    ping = measure.ping(lab, "inet", address, count=20, interval=0.05)
+    probe = measure.udp_probe(lab, "inet", address, ECHO_PORT, count=200, rate_pps=100)
+
+    def iperf3(reverse: bool) -> float:
+        # iperf3 -s serves one test at a time and reopens its socket after each: a test that
+        # starts while the last one is still winding down (slow under a skin) is turned away.
+        for attempt in range(10):
+            try:
+                return measure.iperf3(lab, "inet", IPERF3_PORT, reverse=reverse, seconds=seconds, target=address)
+            except measure.MeasureError as exc:
+                if not any(w in str(exc) for w in ("refused", "reset", "busy")) or attempt == 9:
+                    raise
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    return {
+        "rtt_ms": ping["rtt_median_ms"],
+        "loss_percent": probe["loss_percent"],
+        # The guest runs the iperf3 server: -R makes the guest send, which is its uplink.
+        "uplink_kbps": iperf3(reverse=True) / 1000,
+        "downlink_kbps": iperf3(reverse=False) / 1000,
+    }
+
+
+def run_guest_demo(skin: str, prefix: str = "nskdemo", console=None, skins_dir: Path | None = None,
+                   bridge: bool = False) -> dict:
+    """``netskin demo --guests``: the demo's measurement on a QEMU guest instead of a namespace VM."""
+    import secrets
+
+    from interceptor.library import SkinLibrary
+    from interceptor.schema import load_host_config
+    from manager import assign, demo
+    from manager.lab import lab_down, lab_up
+    from manager.process import DaemonProcess
+
+    library = SkinLibrary(Path(skins_dir) if skins_dir is not None else demo._NO_DROP_INS)
+    library.get(skin)  # a bad name raises its UserError before anything is built
+    entry = library.entry(skin)
+    prefix = f"{prefix}{secrets.token_hex(2)}"
+    say = console.status if console else demo._quiet
+    note = console.print if console else (lambda text: log.info("%s", text))
+    try:
+        with say(f"building the lab {prefix} with a QEMU guest (the image is built once and cached)"):
+            lab = lab_up(prefix, vms=0, guests=1, bridge=bridge, say=note)
+        note(f"guest vm1 booted with {lab.accel.upper()} in {lab.boot_s['vm1']:.1f} s")
+        if entry.origin == "drop-in":
+            shutil.copyfile(entry.path, Path(load_host_config(lab.config_path).skins_dir) / entry.path.name)
+        with DaemonProcess(lab.config_path) as daemon:
+            with say("measuring without a skin"):
+                before = measure_guest(lab)
+            with say(f"applying {skin} to vm1"):
+                assign.apply(daemon.config, "vm1", skin)
+            with say(f"measuring with {skin}"):
+                after = measure_guest(lab)
+            goal = demo.asked(lab, skin)
+        accel, boot_s = lab.accel, lab.boot_s["vm1"]
+    finally:
+        with say("removing the lab"):
+            lab_down(prefix)
+    result = {"skin": skin, "vm": "vm1", "guest": {"accel": accel, "boot_s": boot_s, "bridge": bridge},
+              "before": before, "after": after, "asked": goal}
+    if console:
+        console.print(demo._table(result))
+    return result

@@ -365,7 +365,8 @@ def _boot_guests(lab: Lab, state: dict, image, say) -> None:
     guest_dir = _guest_dir(lab.workdir)
     guest_dir.mkdir(parents=True, exist_ok=True)
     started = []
-    say(f"booting {len(lab.guests)} guest(s) with {lab.accel.upper()}")
+    why = " (/dev/kvm is here but did not boot the guest)" if lab.accel == "tcg" and os.path.exists("/dev/kvm") else ""
+    say(f"booting {len(lab.guests)} guest(s) with {lab.accel.upper()}{why}")
     for vm in lab.guests:
         net = guests.GuestNet(vm.name, f"{vm.address}/{vm.prefixlen}", vm.gateway, f"{vm.address6}/64",
                               vm.gateway6, MTU, lab.dns_servers[0])

@@ -130,7 +130,7 @@ def test_render_init_loads_modules_in_order_and_starts_the_servers():
     assert text.startswith("#!/bin/busybox sh\n")
     assert "for m in virtio_ring virtio virtio_net; do" in text
     assert "iperf3 -s -p 5301 -D" in text
-    assert "TCP6-LISTEN:9100," in text and "UDP6-RECVFROM:9100," in text
+    assert "TCP6-LISTEN:9100," in text and "UDP6-LISTEN:9100," in text
     assert guests.READY_MARKER in text and guests.BOOTED_MARKER in text
     assert "@" + "MODULES@" not in text and "@READY@" not in text
 
