@@ -66,6 +66,11 @@ SOURCE_NUMBERS = {
     "offline": (0, 0, 0, 0, 100, 100),
     "locked-down": (0, 0, 0, 0, 0, 0),
     "hostile-dns": (0, 0, 0, 0, 0, 0),
+    # netskin's own timelines: the base skin's numbers (the steps change them over time)
+    "flapping-link": (10, 10, 0, 0, 0, 0),
+    "outage-every-minute": (0, 0, 0, 0, 0, 0),
+    "walk-out-of-coverage": (25, 25, 20000, 20000, 0, 0),
+    "dns-outage": (0, 0, 0, 0, 0, 0),
 }
 
 PING_IP_BYTES = 84  # iputils ping's default 56 data bytes + 8 ICMP + 20 IPv4

@@ -99,7 +99,8 @@ def test_show_json_gives_the_effective_one_way_values(host):
     assert result.exit_code == 0
     shown = json.loads(result.stdout)
     assert shown["effective"]["downlink"] == {
-        "delay_ms": 100, "jitter_ms": 0, "loss_percent": 0, "rate_kbps": 780
+        "delay_ms": 100, "jitter_ms": 0, "loss_percent": 0, "rate_kbps": 780,
+        "jitter_distribution": "uniform", "jitter_correlation_ms": None, "trace": None,
     }  # fmt: skip
     table = netskin("skins", "show", "3g-average", "--config", host)
     assert table.exit_code == 0 and "downlink" in table.stdout

@@ -71,6 +71,7 @@ def test_the_preset_catalogue_is_complete():
         "comcast-gprs", "comcast-edge", "comcast-3g", "comcast-dsl-poor", "comcast-dsl-good",
         "comcast-wifi", "comcast-starlink",
         "offline", "locked-down", "hostile-dns",
+        "flapping-link", "outage-every-minute", "walk-out-of-coverage", "dns-outage",
     }  # fmt: skip
     assert {p.stem for p in PRESET_FILES} == expected
 
