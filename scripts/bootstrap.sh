@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 # virtualenv); systemd gives systemd-analyze and vagrant `vagrant validate` for their unit tests.
 APT_PACKAGES=(
   iptables iproute2 libnetfilter-queue-dev libnetfilter-queue1 gcc python3 python3-dev python3-venv
-  iperf3 dnsutils iputils-ping procps tmux systemd systemd-container vagrant
+  iperf3 dnsutils iputils-ping procps tmux systemd systemd-container vagrant qemu-system-x86
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
