@@ -505,7 +505,7 @@ class Daemon:
         if cmd == "status":
             if vm is not None:
                 self._vm(vm)
-            await self._refresh_firewall_counters()
+            await self._refresh_firewall_counters(max_age_s=0.0)  # a status request reads them fresh
             return {"vms": self.status(vm), "host": self.host_status()}
         if cmd == "reload":
             await self.rescan()
@@ -530,8 +530,8 @@ class Daemon:
         await self._refresh_firewall_counters()
         return {"vms": self.status(vm)}
 
-    async def _refresh_firewall_counters(self) -> None:
-        if time.monotonic() - self._firewall_counters_at < FIREWALL_COUNTERS_MAX_AGE_S:
+    async def _refresh_firewall_counters(self, max_age_s: float = FIREWALL_COUNTERS_MAX_AGE_S) -> None:
+        if time.monotonic() - self._firewall_counters_at < max_age_s:
             return
         if not any(path.skin.firewall for path in self.shell.paths.values()):
             self._firewall_counters = {}

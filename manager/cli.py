@@ -15,8 +15,9 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from interceptor.schema import (
@@ -501,22 +502,40 @@ def _top_data(current: dict, previous: dict, elapsed: float) -> dict:
     return {"time": round(time.time(), 3), "interval_s": round(elapsed, 3), "vms": vms}
 
 
-def _top_table(current: dict, previous: dict | None, elapsed: float) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, title="netskin top")
-    for heading in ("vm", "skin", "step", "dir", "pkt/s", "kbit/s", "drops/s", "drops total", "queue pkts",
-                    "queue bytes"):
-        table.add_column(heading, justify="left" if heading in ("vm", "skin", "step", "dir") else "right")
+def _top_table(current: dict, previous: dict | None, elapsed: float):
+    """The table (narrow enough for an 80-column terminal: one line per VM and direction), and
+    below it a line per VM whose measured conditions are out of tolerance."""
+    table = Table(box=box.SIMPLE_HEAD, title="netskin top", pad_edge=False)
+    for heading in ("vm", "skin (step)", "dir", "pkt/s", "kbit/s", "drop/s", "queue", "delay ms\nask/meas",
+                    "loss %\nask/meas"):
+        table.add_column(heading, justify="left" if heading in ("vm", "skin (step)", "dir") else "right")
     for name, st in current.items():
+        step = _timeline_cell(st.get("timeline"))
+        skin = (st["active"] or "-") + ("" if step in ("", "-") else f" ({step})")
         for direction in ("uplink", "downlink"):
             c = st[direction]
             p = previous[name][direction] if previous and name in previous else c
             dt = max(elapsed, 1e-6) if previous else 1.0
             rate = lambda key: (c[key] - p[key]) / dt  # noqa: E731
-            table.add_row(name, st["active"] or "-", _timeline_cell(st.get("timeline")), direction,
-                          f"{rate('packets'):.0f}",
-                          f"{rate('bytes') * 8 / 1000:.1f}", f"{rate('dropped_packets'):.0f}",
-                          str(c["dropped_packets"]), str(c["held_packets"]), str(c["held_bytes"]))
-    return table
+            table.add_row(name, skin, "up" if direction == "uplink" else "down",
+                          f"{rate('packets'):.0f}", f"{rate('bytes') * 8 / 1000:.1f}",
+                          f"{rate('dropped_packets'):.0f}", str(c["held_packets"]),
+                          *_asked_measured(st, direction))
+    findings = [Text(f"{name}: out of tolerance: " + "; ".join(st["out_of_tolerance"]), style="red")
+                for name, st in current.items() if st.get("out_of_tolerance")]
+    return Group(table, *findings) if findings else table
+
+
+def _asked_measured(st: dict, direction: str) -> tuple[str, str]:
+    """"asked/measured" cells for delay (p50 of the added delay) and loss, from status conditions."""
+    conditions = (st.get("conditions") or {}).get(direction) or {}
+    asked, measured = conditions.get("asked") or {}, conditions.get("measured") or {}
+    if not asked:
+        return "-", "-"
+    delay = (measured.get("added_delay_ms") or {}).get("p50")
+    loss = measured.get("loss_percent")
+    return (f"{asked.get('delay_ms', 0):g}/{'-' if delay is None else f'{delay:.1f}'}",
+            f"{asked.get('loss_percent', 0):g}/{'-' if loss is None else f'{loss:.1f}'}")
 
 
 # --- netskin lab / demo ----------------------------------------------------------------------
@@ -632,14 +651,31 @@ def demo_cmd(ctx: typer.Context, skin: Annotated[str, typer.Option(help="The ski
                       "and daemon are not touched.")] = None,
              guests: Annotated[bool, typer.Option(
                  "--guests", help="Measure a real QEMU guest on a routed tap instead of a namespace VM.")] = False,
+             timeline: Annotated[bool, typer.Option(
+                 "--timeline", help="Record a skin with a timeline over time (default skin: flapping-link) "
+                                    "and draw RTT, loss and throughput with its step changes.")] = False,
+             seconds: Annotated[float, typer.Option(min=2, max=3600, help="With --timeline: how long to record.")] = 30.0,
+             png: Annotated[Path, typer.Option(help="With --timeline: where to write the picture "
+                                                    "(the recording goes beside it, .json).")] = Path("netskin-timeline.png"),
              as_json: JsonOption = False) -> None:
     """Lab up, daemon started, a skin applied, and its effect measured before and after."""
-    from manager.demo import run_demo
+    from manager.demo import run_demo, run_timeline_demo
     from manager.guests import run_guest_demo
     from manager.lab import LabError
 
     as_json = json_option(ctx, as_json)
     skins_dir = load_config(ctx, config).skins_dir
+    if timeline:
+        if skin == "comcast-3g":
+            skin = "flapping-link"
+        try:
+            result = _daemon_call(run_timeline_demo, skin, seconds, png, prefix, None if as_json else console,
+                                  skins_dir)
+        except LabError as exc:
+            fail(f"{exc}")
+        if as_json:
+            print_json(result)
+        return
     try:
         result = _daemon_call(run_guest_demo if guests else run_demo, skin, prefix, None if as_json else console,
                               skins_dir, vm="vm1", as_json=as_json)
@@ -647,6 +683,32 @@ def demo_cmd(ctx: typer.Context, skin: Annotated[str, typer.Option(help="The ski
         fail(f"{exc}")
     if as_json:
         print_json(result)
+
+
+@app.command("plot")
+def plot_cmd(ctx: typer.Context, recording: Annotated[Path, typer.Argument(
+                 metavar="FILE", help="A recording (.json) written by `netskin demo --timeline`.")],
+             png: Annotated[Optional[Path], typer.Option(help="Also draw it to this PNG.")] = None,
+             width: Annotated[int, typer.Option(min=20, max=400, help="Terminal chart width.")] = 72,
+             as_json: JsonOption = False) -> None:
+    """Draw a recorded run: RTT, loss and throughput over time with the step changes marked."""
+    from manager import plot
+
+    as_json = json_option(ctx, as_json)
+    try:
+        run = plot.Recording.load(recording)
+    except ValueError as exc:
+        fail(str(exc))
+    if png is not None:
+        plot.png(run, png)
+    if as_json:
+        lost = sum(rtt is None for _, rtt in run.probes)
+        print_json({"skin": run.skin, "vm": run.vm, "seconds": run.duration_s, "probes": len(run.probes),
+                    "lost": lost, "steps": run.steps, "png": str(png) if png else None})
+        return
+    typer.echo(plot.terminal_chart(run, width))
+    if png is not None:
+        typer.echo(f"picture: {png}")
 
 
 @app.command("serve")

@@ -110,3 +110,41 @@ class _quiet:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+def run_timeline_demo(skin: str, seconds: float, png_path: Path, prefix: str = "nskdemo",
+                      console: Console | None = None, skins_dir: Path | None = None) -> dict:
+    """Build a lab, run ``skin`` (a skin with a timeline) on vm1 for ``seconds`` while recording
+    RTT, loss and throughput, then draw the run: a PNG and a chart in the terminal."""
+    from manager.plot import png, terminal_chart
+    from manager.record import record_run
+
+    library = SkinLibrary(Path(skins_dir) if skins_dir is not None else _NO_DROP_INS)
+    library.get(skin)
+    entry = library.entry(skin)
+    prefix = f"{prefix}{secrets.token_hex(2)}"
+    say = console.status if console else _quiet
+    try:
+        with say(f"building the lab {prefix} (namespaces, veths, sinks)"):
+            lab = lab_up(prefix, vms=2)
+        if entry.origin == "drop-in":
+            lab_skins = Path(load_host_config(lab.config_path).skins_dir)
+            shutil.copyfile(entry.path, lab_skins / entry.path.name)
+        with DaemonProcess(lab.config_path) as daemon:
+            with say(f"applying {skin} to {VM}"):
+                assign.apply(daemon.config, VM, skin)
+            with say(f"recording {seconds:g} s of {skin} on {VM} (RTT probe, UDP stream, steps)"):
+                recording = record_run(lab, VM, skin, seconds, lambda: daemon.status(VM))
+    finally:
+        with say("removing the lab"):
+            lab_down(prefix)
+    recording.save(Path(png_path).with_suffix(".json"))
+    png(recording, Path(png_path))
+    if console:
+        console.print(terminal_chart(recording, width=max(20, min(72, console.width - 26))))
+        console.print(f"picture: {png_path}; recording: {Path(png_path).with_suffix('.json')} "
+                      f"(netskin plot {Path(png_path).with_suffix('.json')} draws it again)")
+    lost = sum(rtt is None for _, rtt in recording.probes)
+    return {"skin": skin, "vm": VM, "seconds": seconds, "png": str(png_path),
+            "recording": str(Path(png_path).with_suffix(".json")), "probes": len(recording.probes),
+            "lost": lost, "steps": recording.steps}
