@@ -125,6 +125,31 @@ class VmQueues(NamedTuple):
     downlink: int
 
 
+class StoreConfig(_Strict):
+    """The fleet's ``[store]`` table: where etcd is and who this host is in the fleet."""
+
+    endpoints: Annotated[list[Annotated[str, Field(pattern=r"^https?://[^/\s]+/?$")]], Field(min_length=1)]
+    host: str | None = None  # this host's name in the fleet; default: the hostname
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return None if value is None else _check_name(value, "host")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> StoreConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file: give both (a client certificate and its key) or neither")
+        if (self.user is None) != (self.password_file is None):
+            raise ValueError("user and password_file: give both (etcd authentication) or neither")
+        return self
+
+
 class HostConfig(_Strict):
     state_dir: Path = Path("/var/lib/netskin")
     skins_dir: Path = Path("/etc/netskin/skins.d")
@@ -140,6 +165,7 @@ class HostConfig(_Strict):
     # "overflow", so one VM's flood cannot exhaust memory or fill its kernel queue.
     max_held_packets: Annotated[int, Field(ge=16, le=1_000_000, strict=True)] = 15_000
     vms: dict[str, VmConfig] = {}
+    store: StoreConfig | None = None  # a fleet member (netskin agent); None: a single host
 
     @field_validator("vms")
     @classmethod
@@ -206,6 +232,13 @@ def load_host_config(path: str | Path | None = None) -> HostConfig:
         for key in ("state_dir", "skins_dir", "control_socket", "rules_dir")
         if (value := getattr(config, key)) is not None and not value.is_absolute()
     }
+    if config.store is not None:
+        store_files = {
+            key: base / value
+            for key in ("ca_file", "cert_file", "key_file", "password_file")
+            if (value := getattr(config.store, key)) is not None and not value.is_absolute()
+        }
+        updates["store"] = config.store.model_copy(update=store_files)
     return config.model_copy(update=updates)
 
 
