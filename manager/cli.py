@@ -711,6 +711,28 @@ def plot_cmd(ctx: typer.Context, recording: Annotated[Path, typer.Argument(
         typer.echo(f"picture: {png}")
 
 
+@app.command("agent")
+def agent_cmd(ctx: typer.Context,
+              lease_ttl: Annotated[int, typer.Option(
+                  metavar="SECONDS", min=2, max=3600,
+                  help="TTL of the host's alive key: a dead agent's host shows gone this long after.")] = 10,
+              conditions_every: Annotated[float, typer.Option(
+                  metavar="SECONDS", min=0.5, help="How often measured conditions are published.")] = 5.0,
+              config: ConfigOption = None) -> None:
+    """On a fleet host: watch the store for this host's skins, drive the local daemon, report back."""
+    import logging
+
+    from manager import agent
+
+    host_config = load_config(ctx, config)
+    if host_config.store is None:
+        fail("this host configuration has no [store] table: add one with the fleet's etcd endpoints "
+             "to run the agent (see the README's fleet section)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    agent.main(host_config, lease_ttl_s=lease_ttl, conditions_every_s=conditions_every)
+
+
 @app.command("serve")
 def serve_cmd(ctx: typer.Context, host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
               port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8640,
