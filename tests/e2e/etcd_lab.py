@@ -78,11 +78,14 @@ class Etcd:
     ADDRESS = "10.99.0.1"
     PEER_ADDRESS = "10.99.0.2"
 
-    def __init__(self, ns: str, peer_ns: str | None = None, *, compaction_retention: int = 1000) -> None:
+    def __init__(self, ns: str, peer_ns: str | None = None, *, compaction_retention: int = 1000,
+                 tls: bool = False) -> None:
         self.ns = ns
         self.peer_ns = peer_ns
         self.retention = compaction_retention
         self.workdir = Path(tempfile.mkdtemp(prefix=f"netskin-{ns}-"))
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
         self.proc: subprocess.Popen | None = None
         self._veth = f"{ns[:10]}e"
 
@@ -90,11 +93,11 @@ class Etcd:
     def endpoint(self) -> str:
         """The client URL for the peer namespace (or loopback inside ``ns``)."""
         host = self.ADDRESS if self.peer_ns else "127.0.0.1"
-        return f"http://{host}:{CLIENT_PORT}"
+        return f"{self.scheme}://{host}:{CLIENT_PORT}"
 
     @property
     def local_endpoint(self) -> str:
-        return f"http://127.0.0.1:{CLIENT_PORT}"
+        return f"{self.scheme}://127.0.0.1:{CLIENT_PORT}"
 
     def __enter__(self) -> "Etcd":
         try:
@@ -120,7 +123,7 @@ class Etcd:
             _run("ip", "-n", self.peer_ns, "link", "set", "mgmt0", "up")
 
     def start(self, timeout: float = 20.0) -> None:
-        urls = [self.local_endpoint] + ([f"http://{self.ADDRESS}:{CLIENT_PORT}"] if self.peer_ns else [])
+        urls = [self.local_endpoint] + ([f"{self.scheme}://{self.ADDRESS}:{CLIENT_PORT}"] if self.peer_ns else [])
         argv = [
             "ip", "netns", "exec", self.ns, "etcd",
             "--name", "nsk", "--data-dir", str(self.workdir / "data"),
@@ -131,6 +134,10 @@ class Etcd:
             "--auto-compaction-mode", "revision", "--auto-compaction-retention", str(self.retention),
             "--experimental-watch-progress-notify-interval", "5s",
         ]
+        if self.tls:
+            self.make_certificates()
+            argv += ["--cert-file", str(self.pki / "server.pem"), "--key-file", str(self.pki / "server-key.pem"),
+                     "--client-cert-auth", "--trusted-ca-file", str(self.pki / "ca.pem")]
         log = open(self.workdir / "etcd.log", "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -142,9 +149,33 @@ class Etcd:
             time.sleep(0.1)
         raise TimeoutError(f"etcd did not become healthy within {timeout} s:\n{self.log()}")
 
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "pki"
+
+    def make_certificates(self) -> None:
+        """A CA, etcd's server certificate (127.0.0.1 and the veth address) and a client certificate."""
+        self.pki.mkdir(exist_ok=True)
+
+        def openssl(*argv: str) -> None:
+            _run("openssl", *argv)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=netskin-test-ca",
+                "-keyout", str(self.pki / "ca-key.pem"), "-out", str(self.pki / "ca.pem"))
+        for name, extension in (("server", f"subjectAltName=IP:127.0.0.1,IP:{self.ADDRESS}\nextendedKeyUsage=serverAuth,clientAuth"),
+                                ("client", "extendedKeyUsage=clientAuth")):
+            (self.pki / f"{name}.ext").write_text(extension + "\n")
+            openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                    "-keyout", str(self.pki / f"{name}-key.pem"), "-out", str(self.pki / f"{name}.csr"))
+            openssl("x509", "-req", "-in", str(self.pki / f"{name}.csr"), "-CA", str(self.pki / "ca.pem"),
+                    "-CAkey", str(self.pki / "ca-key.pem"), "-CAcreateserial", "-days", "1",
+                    "-extfile", str(self.pki / f"{name}.ext"), "-out", str(self.pki / f"{name}.pem"))
+
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        tls = ["--cacert", str(self.pki / "ca.pem"), "--cert", str(self.pki / "client.pem"),
+               "--key", str(self.pki / "client-key.pem")] if self.tls else []
         done = subprocess.run(["ip", "netns", "exec", self.ns, "etcdctl", "--endpoints", self.local_endpoint,
-                               *args], capture_output=True, text=True, timeout=30,
+                               *tls, *args], capture_output=True, text=True, timeout=30,
                               env={**os.environ, "ETCDCTL_API": "3"})
         if check and done.returncode != 0:
             raise RuntimeError(f"etcdctl {' '.join(args)}: {done.stderr.strip()}")
