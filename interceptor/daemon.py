@@ -174,10 +174,16 @@ class Daemon:
         self.store.save(assignment)
         log.info("vm %s: original configuration captured: %s", vm, assignment.original)
 
-    def _vm_rules(self, vm: str) -> rules.VmRules:
+    def _vm_rules(self, vm: str, profile=None, *, keep_profile: bool = True) -> rules.VmRules:
+        """How the rules see ``vm``: its queues, its profile (the one in force, unless given) and,
+        for a bridge port, the bridge and addresses (looked up now: blocking netlink)."""
         up, down = self.shell.queues[vm]
-        return rules.VmRules(name=vm, interface=self.config.vms[vm].interface, uplink_queue=up,
-                             downlink_queue=down, profile=self.shell.paths[vm].skin.firewall)
+        config = self.config.vms[vm]
+        return rules.VmRules(
+            name=vm, interface=config.interface, uplink_queue=up, downlink_queue=down,
+            profile=self.shell.paths[vm].skin.firewall if keep_profile else profile,
+            bridge=identity.bridge_of(config.interface), address=str(config.address),
+            address6=str(config.address6) if config.address6 else None)
 
     def install_rules(self) -> None:
         rules.install([self._vm_rules(vm) for vm in self.shell.paths], fail_open=self.config.fail_mode == "open",
@@ -361,10 +367,8 @@ class Daemon:
         await trio.to_thread.run_sync(self.store.save, assignment)
         path = self.shell.paths[vm]
         if compiled.firewall != path.skin.firewall:
-            up, down = self.shell.queues[vm]
-            vm_rules = rules.VmRules(name=vm, interface=self.config.vms[vm].interface, uplink_queue=up,
-                                     downlink_queue=down, profile=compiled.firewall)
-            await trio.to_thread.run_sync(lambda: rules.set_profile(vm_rules, timeout_s=RULES_TIMEOUT_S))
+            await trio.to_thread.run_sync(lambda: rules.set_profile(
+                self._vm_rules(vm, compiled.firewall, keep_profile=False), timeout_s=RULES_TIMEOUT_S))
             self._firewall_counters_at = 0.0
         self.assignments[vm] = assignment
         clock = await trio.to_thread.run_sync(self._timeline_clock, assignment, compiled)
@@ -388,6 +392,10 @@ class Daemon:
                 raise control.ControlError("; ".join(exc.lines)) from None
             if undo_on_failure:
                 reasons = reconcile.cannot_enforce(self.config.vms[vm], compiled)
+                interface = self.config.vms[vm].interface
+                if compiled is not NO_SKIN and not await trio.to_thread.run_sync(identity.has_interface, interface):
+                    reasons.append(f"interface {interface} does not exist on this host, so no rule can see "
+                                   f"{vm}'s traffic; start the VM or fix vms.{vm}.interface in the host config")
                 if reasons:
                     raise self._refusal(vm, f"{compiled.name} cannot be applied to {vm}, nothing changed: "
                                             + "; ".join(reasons))

@@ -240,6 +240,33 @@ def _neighbour_mac(vm: VmConfig, label: str) -> str | None:
     return None
 
 
+def has_interface(interface: str) -> bool:
+    """Whether the host-side device exists (in the current network namespace)."""
+    try:
+        with IPRoute() as host:
+            return _lookup(host, interface) is not None
+    except NetlinkError:
+        return False
+
+
+def bridge_of(interface: str) -> str | None:
+    """The Linux bridge whose port ``interface`` is (in the current network namespace), or None."""
+    try:
+        with IPRoute() as host:
+            index = _lookup(host, interface)
+            if index is None:
+                return None
+            master = _link(host, index).get_attr("IFLA_MASTER")
+            if not master:
+                return None
+            link = _link(host, master)
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            return link.get_attr("IFLA_IFNAME") if kind == "bridge" else None
+    except NetlinkError:
+        return None
+
+
 # --- changing --------------------------------------------------------------------------------
 
 

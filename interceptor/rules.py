@@ -1,10 +1,15 @@
 """Netfilter rules netskin owns: steering into NFQUEUE (mangle) and the VMs' firewalls (filter).
 
-Steering: chain ``NETSKIN`` in the mangle table, appended to mangle FORWARD, INPUT and OUTPUT,
-sends traffic in on a VM's interface to its uplink queue and traffic out on it to its downlink
-queue. mangle runs before filter, so a packet the daemon accepts goes on into the filter table
-and meets the host's own rules (libvirt's, Docker's, the admin's) as if netskin were not there.
-netskin sets no packet marks.
+Steering, in the mangle table: chain ``NETSKIN-UP``, appended to PREROUTING, sends what enters
+from a VM (its interface, or its bridge port: physdev) to the VM's uplink queue; chain
+``NETSKIN-DOWN``, appended to POSTROUTING, sends what leaves towards a VM to its downlink queue:
+out of its interface, bridged out of its port (physdev), or routed by the host onto the VM's
+bridge for the VM's address (a routed packet's bridge port is not known yet in POSTROUTING).
+So every layout is seen, in both directions, and a packet between two VMs meets the sender's
+uplink and then the receiver's downlink. Uplink steering runs before the filter table and
+downlink steering after it; either way a packet the daemon accepts goes on through the rest of
+the host's rules (libvirt's, Docker's, the admin's) as if netskin were not there. netskin sets
+no packet marks.
 
 Firewall: chain ``NETSKIN`` in the filter table, inserted at position 1 of FORWARD, INPUT and
 OUTPUT, holds only jumps to the per-VM chains of VMs that wear a profile (``interceptor.firewall``
@@ -31,9 +36,11 @@ from dataclasses import dataclass, field
 from interceptor import firewall
 from interceptor.profiles import CompiledProfile
 
-CHAIN = "NETSKIN"
+CHAIN = "NETSKIN"  # filter: the jumps to the VMs' firewalls (and, in mangle, an earlier layout)
+UP_CHAIN = "NETSKIN-UP"  # mangle PREROUTING: what enters from a VM → its uplink queue
+DOWN_CHAIN = "NETSKIN-DOWN"  # mangle POSTROUTING: what leaves towards a VM → its downlink queue
 TAG = "netskin"
-HOOKS = ("FORWARD", "INPUT", "OUTPUT")
+HOOKS = ("FORWARD", "INPUT", "OUTPUT")  # filter hooks jumping to CHAIN
 DEFAULT_TIMEOUT_S = 10.0
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -53,6 +60,14 @@ class VmRules:
     uplink_queue: int
     downlink_queue: int
     profile: CompiledProfile | None = None
+    # When the interface is a port of a Linux bridge: the bridge, and the VM's addresses, so that
+    # traffic the host routes onto the bridge for the VM is seen too.
+    bridge: str | None = None
+    address: str | None = None
+    address6: str | None = None
+
+    def address_for(self, version: int) -> str | None:
+        return self.address if version == 4 else self.address6
 
 
 # --- the module API ---------------------------------------------------------------------------
@@ -139,7 +154,7 @@ def render_install(saved: str, vms: list[VmRules], fail_open: bool, version: int
     """Restore input that replaces netskin's rules with steering and firewalls for ``vms``."""
     tables = parse_save(saved)
     return _transaction(
-        _mangle_lines(tables.get("mangle"), vms, fail_open),
+        _mangle_lines(tables.get("mangle"), vms, fail_open, version),
         _filter_lines(tables.get("filter"), {vm.name: vm for vm in vms}, False, version),
     )
 
@@ -152,14 +167,14 @@ def render_set_profile(saved: str, vm: VmRules, version: int) -> str:
 
 def render_remove_steering(saved: str) -> str:
     """Restore input that removes the mangle steering; "" if there is none."""
-    return _transaction(_mangle_lines(parse_save(saved).get("mangle"), None, False), [])
+    return _transaction(_mangle_lines(parse_save(saved).get("mangle"), None, False, 4), [])
 
 
 def render_remove(saved: str) -> str:
     """Restore input that removes everything netskin owns; "" if there is nothing."""
     tables = parse_save(saved)
     return _transaction(
-        _mangle_lines(tables.get("mangle"), None, False),
+        _mangle_lines(tables.get("mangle"), None, False, 4),
         _filter_lines(tables.get("filter"), {}, False, 4),
     )
 
@@ -173,6 +188,8 @@ def _transaction(mangle: list[str], filter_: list[str]) -> str:
 
 
 def _is_ours(table: str, chain: str) -> bool:
+    if table == "mangle":
+        return chain in (CHAIN, UP_CHAIN, DOWN_CHAIN)
     return chain == CHAIN or (table == "filter" and firewall.is_firewall_chain(chain))
 
 
@@ -186,28 +203,37 @@ def _jumps_into_ours(table_name: str, table: SavedTable) -> list[str]:
     return lines
 
 
-def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open: bool) -> list[str]:
+def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open: bool, version: int) -> list[str]:
     """Steering for ``vms``, or none (``None`` or no VMs), in place of what is there."""
     table = table or SavedTable()
     lines = _jumps_into_ours("mangle", table)
-    exists = CHAIN in table.chains
+    existing = [chain for chain in table.chains if _is_ours("mangle", chain)]
+    wanted = (UP_CHAIN, DOWN_CHAIN) if vms else ()
+    stale = [chain for chain in existing if chain not in wanted]
+    lines += [f":{chain} - [0:0]" for chain in stale]  # declaring a chain flushes it
+    lines += [f"-X {chain}" for chain in stale]
     if not vms:
-        if exists:
-            lines += [f":{CHAIN} - [0:0]", f"-X {CHAIN}"]  # declaring a chain flushes it
         return lines
     bypass = " --queue-bypass" if fail_open else ""
-    lines.append(f":{CHAIN} - [0:0]")
+    lines += [f":{UP_CHAIN} - [0:0]", f":{DOWN_CHAIN} - [0:0]"]
     for vm in vms:
         up = f'-m comment --comment "{TAG} vm={vm.name} uplink" -j NFQUEUE --queue-num {vm.uplink_queue}{bypass}'
         down = f'-m comment --comment "{TAG} vm={vm.name} downlink" -j NFQUEUE --queue-num {vm.downlink_queue}{bypass}'
-        # Routed taps/veths match by device, bridge ports only by physdev; both are installed.
-        lines.append(f"-A {CHAIN} -i {vm.interface} {up}")
-        lines.append(f"-A {CHAIN} -m physdev --physdev-in {vm.interface} --physdev-is-bridged {up}")
-        lines.append(f"-A {CHAIN} -o {vm.interface} {down}")
-        lines.append(f"-A {CHAIN} -m physdev --physdev-out {vm.interface} --physdev-is-bridged {down}")
+        # Routed taps/veths match by device, bridge ports by physdev; both are installed. In
+        # PREROUTING a bridge port is known for bridged and for routed packets alike.
+        lines.append(f"-A {UP_CHAIN} -i {vm.interface} {up}")
+        lines.append(f"-A {UP_CHAIN} -m physdev --physdev-in {vm.interface} {up}")
+        lines.append(f"-A {DOWN_CHAIN} -o {vm.interface} {down}")
+        lines.append(f"-A {DOWN_CHAIN} -m physdev --physdev-out {vm.interface} --physdev-is-bridged {down}")
+        address = vm.address_for(version)
+        if vm.bridge and address:
+            # Routed onto the bridge: the port is chosen after POSTROUTING, so match the address.
+            prefix = 32 if version == 4 else 128
+            lines.append(f"-A {DOWN_CHAIN} -o {vm.bridge} -d {address}/{prefix} {down}")
     # Appended: the host's mangle rules in these chains (TCPMSS clamping, marks) run first, since
     # a packet the daemon accepts leaves mangle's chain at the queue.
-    lines += [f'-A {hook} -m comment --comment "{TAG}" -j {CHAIN}' for hook in HOOKS]
+    lines.append(f'-A PREROUTING -m comment --comment "{TAG}" -j {UP_CHAIN}')
+    lines.append(f'-A POSTROUTING -m comment --comment "{TAG}" -j {DOWN_CHAIN}')
     return lines
 
 
@@ -240,7 +266,8 @@ def _filter_lines(table: SavedTable | None, wanted: dict[str, VmRules], keep_oth
             lines += firewall.chain_rules(vm.profile, vm.name, version)
         lines += [f"-A {CHAIN} {spec}" for spec in kept]
         for vm in profiled:
-            lines += firewall.jump_rules(CHAIN, vm.name, vm.interface, vm.profile.name)
+            lines += firewall.jump_rules(CHAIN, vm.name, vm.interface, vm.profile.name,
+                                         bridge=vm.bridge, address=vm.address_for(version), version=version)
         # Position 1: the VM's profile judges first; allowed packets RETURN to the host's rules.
         lines += [f'-I {hook} 1 -m comment --comment "{TAG}" -j {CHAIN}' for hook in HOOKS]
         live = {CHAIN} | kept_chains | {c for vm in profiled for c in firewall.chain_names(vm.name)}

@@ -191,17 +191,10 @@ def daemons(request):
         daemon.stop()
 
 
-_ROUTED_TO_BRIDGE_GAP = (
-    "traffic the host routes to or from a VM on a bridge leaves or enters through the bridge device, "
-    "not the tap: `-o tap` never matches it and --physdev-out/--physdev-in with --physdev-is-bridged "
-    "only match bridged traffic, so it is not steered (issue 12, item 2)"
-)
-
-
 @pytest.mark.parametrize("path", [
     "routed",
     "bridge-peer",
-    pytest.param("bridge-routed", marks=pytest.mark.xfail(strict=True, reason=_ROUTED_TO_BRIDGE_GAP)),
+    "bridge-routed",
 ], indirect=True)
 def test_latency_skin_adds_its_latency_to_the_guests_rtt(path, daemons):
     lab = path.lab

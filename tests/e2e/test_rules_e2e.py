@@ -227,11 +227,14 @@ def test_a_host_drop_rule_added_after_install_still_drops_queued_traffic(owned, 
 def test_marks_of_other_tools_are_left_alone(owned, tmp_path):
     lab = owned
     mark = "0x20000000"
-    in_hv(lab, rules.install, [vm1(lab, shipped("open"))], False)
-    # Another tool marks the hypervisor's own loopback traffic and the VM's traffic with the bit
-    # the old layout used for rejects, and counts what still carries the mark later on.
-    hv(lab, "iptables", "-w", "5", "-t", "mangle", "-A", "OUTPUT", "-o", "lo", "-j", "MARK", "--set-mark", f"{mark}/0xffffffff")
+    # Another tool, set up before netskin (as at boot), marks the VM's traffic in mangle
+    # PREROUTING with the bit the old layout used for rejects; after netskin starts it also marks
+    # the hypervisor's own loopback traffic. What still carries the mark is counted later on.
+    # (A mangle PREROUTING/POSTROUTING rule appended *after* netskin's jump is skipped for the
+    # packets netskin queues: an accepted packet leaves the chain at the queue; see the README.)
     hv(lab, "iptables", "-w", "5", "-t", "mangle", "-A", "PREROUTING", "-i", "tap-vm1", "-j", "MARK", "--set-mark", f"{mark}/0xffffffff")
+    in_hv(lab, rules.install, [vm1(lab, shipped("open"))], False)
+    hv(lab, "iptables", "-w", "5", "-t", "mangle", "-A", "OUTPUT", "-o", "lo", "-j", "MARK", "--set-mark", f"{mark}/0xffffffff")
     hv(lab, "iptables", "-w", "5", "-A", "INPUT", "-i", "lo", "-m", "mark", "--mark", mark)
     hv(lab, "iptables", "-w", "5", "-A", "FORWARD", "-i", "tap-vm1", "-m", "mark", "--mark", mark)
     with accept_loop(lab, tmp_path, UP, DOWN), ready_script(lab, "hv", LISTENER, "7000"):
@@ -366,11 +369,13 @@ def test_remove_restores_the_ruleset_and_remove_steering_keeps_only_the_firewall
     installed = saved(lab)
     assert "mark" not in installed and "REJECT" not in installed
     assert all("NFQUEUE" not in line for line in _table(installed, "filter"))
-    for table in ("mangle", "filter"):
-        jumps = [line for line in _table(installed, table) if line.endswith("-j NETSKIN")]
-        assert len(jumps) == 6, jumps  # FORWARD, INPUT, OUTPUT once, in each family
+    jumps = [line for line in _table(installed, "filter") if line.endswith("-j NETSKIN")]
+    assert len(jumps) == 6, jumps  # FORWARD, INPUT, OUTPUT once, in each family
+    for hook, chain in (("PREROUTING", "NETSKIN-UP"), ("POSTROUTING", "NETSKIN-DOWN")):
+        jumps = [line for line in _table(installed, "mangle") if line.endswith(f"-j {chain}")]
+        assert len(jumps) == 2 and all(line.startswith(f"-A {hook}") for line in jumps), jumps
+    assert not any(line.endswith("-j NETSKIN") for line in _table(installed, "mangle"))  # the old layout went
     assert [line for line in _table(installed, "filter") if line.startswith("-A FORWARD")][0].endswith("-j NETSKIN")
-    assert [line for line in _table(installed, "mangle") if line.startswith("-A FORWARD")][-1].endswith("-j NETSKIN")
 
     in_hv(lab, rules.set_profile, vm1(lab, shipped("open")))
     with_steering = "\n".join(normalized(saved(lab)))

@@ -47,17 +47,32 @@ ESTABLISHED = '-m conntrack --ctstate ESTABLISHED,RELATED -m comment --comment "
 # --- steering ---------------------------------------------------------------------------------
 
 
-def test_steering_is_in_mangle_and_appended_to_forward_input_output():
+def test_steering_is_uplink_in_prerouting_and_downlink_in_postrouting():
     text = rules.render_install("", [vm()], fail_open=False, version=4)
     mangle = section(text, "mangle")
-    assert mangle[0] == ":NETSKIN - [0:0]"
-    assert mangle[1:5] == [
-        '-A NETSKIN -i tap-vm1 -m comment --comment "netskin vm=vm1 uplink" -j NFQUEUE --queue-num 7702',
-        '-A NETSKIN -m physdev --physdev-in tap-vm1 --physdev-is-bridged -m comment --comment "netskin vm=vm1 uplink" -j NFQUEUE --queue-num 7702',
-        '-A NETSKIN -o tap-vm1 -m comment --comment "netskin vm=vm1 downlink" -j NFQUEUE --queue-num 7703',
-        '-A NETSKIN -m physdev --physdev-out tap-vm1 --physdev-is-bridged -m comment --comment "netskin vm=vm1 downlink" -j NFQUEUE --queue-num 7703',
+    up = '-m comment --comment "netskin vm=vm1 uplink" -j NFQUEUE --queue-num 7702'
+    down = '-m comment --comment "netskin vm=vm1 downlink" -j NFQUEUE --queue-num 7703'
+    assert mangle == [
+        ":NETSKIN-UP - [0:0]",
+        ":NETSKIN-DOWN - [0:0]",
+        f"-A NETSKIN-UP -i tap-vm1 {up}",
+        f"-A NETSKIN-UP -m physdev --physdev-in tap-vm1 {up}",  # bridged or routed from a bridge port
+        f"-A NETSKIN-DOWN -o tap-vm1 {down}",
+        f"-A NETSKIN-DOWN -m physdev --physdev-out tap-vm1 --physdev-is-bridged {down}",
+        '-A PREROUTING -m comment --comment "netskin" -j NETSKIN-UP',
+        '-A POSTROUTING -m comment --comment "netskin" -j NETSKIN-DOWN',
     ]
-    assert mangle[5:] == [f'-A {hook} -m comment --comment "netskin" -j NETSKIN' for hook in ("FORWARD", "INPUT", "OUTPUT")]
+
+
+@pytest.mark.parametrize("version, address", [(4, "10.77.100.2/32"), (6, "fd77:100::2/128")])
+def test_a_bridge_port_also_gets_what_the_host_routes_onto_its_bridge(version, address):
+    port = rules.VmRules("vm1", "tap-vm1", 7702, 7703, profile=shipped("restricted"), bridge="br0",
+                         address="10.77.100.2", address6="fd77:100::2")
+    text = rules.render_install("", [port], fail_open=False, version=version)
+    down = '-m comment --comment "netskin vm=vm1 downlink" -j NFQUEUE --queue-num 7703'
+    assert f"-A NETSKIN-DOWN -o br0 -d {address} {down}" in section(text, "mangle")
+    tag = '-m comment --comment "netskin vm=vm1 profile=restricted"'
+    assert f"-A NETSKIN -o br0 -d {address} {tag} -j {IN}" in section(text, "filter")
 
 
 def test_fail_open_adds_queue_bypass_to_every_queue_rule():
@@ -122,7 +137,7 @@ def test_jumps_name_vm_and_profile_and_sit_at_position_one():
     tag = '-m comment --comment "netskin vm=vm1 profile=standard"'
     assert [line for line in filter_ if line.startswith("-A NETSKIN")] == [
         f"-A NETSKIN -i tap-vm1 {tag} -j {OUT}",
-        f"-A NETSKIN -m physdev --physdev-in tap-vm1 --physdev-is-bridged {tag} -j {OUT}",
+        f"-A NETSKIN -m physdev --physdev-in tap-vm1 {tag} -j {OUT}",
         f"-A NETSKIN -o tap-vm1 {tag} -j {IN}",
         f"-A NETSKIN -m physdev --physdev-out tap-vm1 --physdev-is-bridged {tag} -j {IN}",
     ]
@@ -265,9 +280,11 @@ def test_install_over_a_killed_run_replaces_every_copy_once():
     saved = _as_saved(first) + _as_saved(first)  # two copies of the jumps, as after a race
     text = rules.render_install(saved, [vm(profile=shipped("restricted"))], fail_open=True, version=4)
     assert sum(line.startswith("-D FORWARD") for line in section(text, "filter")) == 2
-    assert sum(line.startswith("-D FORWARD") for line in section(text, "mangle")) == 2
+    assert sum(line.startswith("-D PREROUTING") for line in section(text, "mangle")) == 2
+    assert sum(line.startswith("-D POSTROUTING") for line in section(text, "mangle")) == 2
     assert sum(line.startswith("-I FORWARD") for line in section(text, "filter")) == 1
-    assert sum(line.startswith("-A FORWARD") for line in section(text, "mangle")) == 1
+    assert sum(line.startswith("-A PREROUTING") for line in section(text, "mangle")) == 1
+    assert sum(line.startswith("-A POSTROUTING") for line in section(text, "mangle")) == 1
 
 
 def test_install_removes_the_chains_of_vms_no_longer_listed():
@@ -305,7 +322,8 @@ def test_remove_steering_leaves_the_firewall():
     saved = _as_saved(rules.render_install("", [vm(profile=shipped("restricted"))], False, 4))
     text = rules.render_remove_steering(saved)
     assert section(text, "filter") == []
-    assert section(text, "mangle")[-2:] == [":NETSKIN - [0:0]", "-X NETSKIN"]
+    assert section(text, "mangle")[-4:] == [":NETSKIN-UP - [0:0]", ":NETSKIN-DOWN - [0:0]", "-X NETSKIN-UP",
+                                            "-X NETSKIN-DOWN"]
     assert rules.render_remove_steering(OLD_LAYOUT) == ""  # no steering in mangle: nothing to do
 
 
@@ -381,3 +399,20 @@ def test_names_that_cannot_be_rules_are_refused(bad):
 def test_a_command_that_hangs_raises_rules_error_with_the_timeout():
     with pytest.raises(rules.RulesError, match=r"did not finish within 0\.3 s"):
         rules._run([sys.executable, "-c", "import time; time.sleep(5)"], timeout_s=0.3)
+
+
+def test_install_replaces_the_previous_mangle_layout():
+    previous = "\n".join([
+        "*mangle", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]", ":NETSKIN - [0:0]",
+        '-A FORWARD -m comment --comment "netskin" -j NETSKIN',
+        '-A INPUT -m comment --comment "netskin" -j NETSKIN',
+        '-A OUTPUT -m comment --comment "netskin" -j NETSKIN',
+        '-A NETSKIN -i tap-vm1 -m comment --comment "netskin vm=vm1 uplink" -j NFQUEUE --queue-num 7702',
+        "COMMIT", "",
+    ])
+    mangle = section(rules.render_install(previous, [vm()], fail_open=False, version=4), "mangle")
+    assert [line for line in mangle if line.startswith("-D")] == [
+        f'-D {hook} -m comment --comment "netskin" -j NETSKIN' for hook in ("FORWARD", "INPUT", "OUTPUT")]
+    assert ":NETSKIN - [0:0]" in mangle and "-X NETSKIN" in mangle
+    assert mangle.index("-X NETSKIN") > max(i for i, line in enumerate(mangle) if line.startswith("-D"))
