@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   iptables iproute2 libnetfilter-queue-dev libnetfilter-queue1 gcc python3 python3-dev python3-venv
   iperf3 dnsutils iputils-ping procps tmux systemd systemd-container vagrant qemu-system-x86
+  etcd-server etcd-client
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -22,6 +23,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # netskin's labs and tests run their own etcd (own data dir, ports, namespace); the packaged
+  # service that Debian starts on install is not used, so it is stopped and disabled again.
+  if [[ " ${missing[*]} " == *" etcd-server "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now etcd.service >/dev/null 2>&1 || true
+  fi
 fi
 
 PYTHON=${PYTHON:-python3}
