@@ -86,9 +86,9 @@ class Shell:
     # -- packets ------------------------------------------------------------------------------
 
     def _handler(self, path: VmPath, outgoing: bool) -> Callable:
-        # The hot path: everything it needs is bound to locals once, here.
-        on_packet = path.on_uplink if outgoing else path.on_downlink
-        needs = "needs_payload_up" if outgoing else "needs_payload_down"
+        # The hot path: everything it needs is bound to locals once, here; the engine's handler
+        # and whether it needs the packet's bytes are read from the path per packet (a swap or a
+        # timeline changes them).
         engine = self.engine
         held = engine.held
         no_link = engine.link is None
@@ -97,33 +97,62 @@ class Shell:
         ahead = RELEASE_AHEAD_NS
         apply = self._apply
         on_error = self._on_error
-        faults = self.faults if self.fault_injection else None
         name = path.name
         pipe = path.uplink if outgoing else path.downlink
 
-        def handle(packet) -> None:
-            try:
-                if faults is not None and faults.get(name):
-                    faults[name] -= 1
-                    raise RuntimeError("fault injected for a test")
-                size = packet.get_payload_len()
-                verdict = on_packet(packet, size, packet.get_payload() if getattr(path, needs) else None,
-                                    monotonic_ns(), rand)
-                if verdict is ACCEPT:
-                    packet.accept()
-                elif verdict is HELD:
-                    due = held[0][0] if no_link else engine.next_due_ns
-                    armed = timer.armed_ns
-                    if due is not None and (not armed or due - ahead < armed):
-                        timer.arm(due - ahead)
-                elif verdict.__class__ is Drop:
-                    packet.drop()
-                else:
-                    apply(packet, verdict)
-            except Exception as exc:  # noqa: BLE001 - one packet must never end the daemon
-                on_error(name, packet, exc, pipe)
+        def verdict_of(packet, verdict) -> None:
+            if verdict is ACCEPT:
+                packet.accept()
+            elif verdict is HELD:
+                due = held[0][0] if no_link else engine.next_due_ns
+                armed = timer.armed_ns
+                if due is not None and (not armed or due - ahead < armed):
+                    timer.arm(due - ahead)
+            elif verdict.__class__ is Drop:
+                packet.drop()
+            else:
+                apply(packet, verdict)
 
-        return handle
+        if outgoing:
+            def handle(packet) -> None:
+                try:
+                    verdict = path.on_uplink(packet, packet.get_payload_len(),
+                                             packet.get_payload() if path.needs_payload_up else None,
+                                             monotonic_ns(), rand)
+                    if verdict is ACCEPT:  # the common case, without a call
+                        packet.accept()
+                    else:
+                        verdict_of(packet, verdict)
+                except Exception as exc:  # noqa: BLE001 - one packet must never end the daemon
+                    on_error(name, packet, exc, pipe)
+        else:
+            def handle(packet) -> None:
+                try:
+                    verdict = path.on_downlink(packet, packet.get_payload_len(),
+                                               packet.get_payload() if path.needs_payload_down else None,
+                                               monotonic_ns(), rand)
+                    if verdict is ACCEPT:
+                        packet.accept()
+                    else:
+                        verdict_of(packet, verdict)
+                except Exception as exc:  # noqa: BLE001
+                    on_error(name, packet, exc, pipe)
+
+        if not self.fault_injection:
+            return handle
+        faults = self.faults
+
+        def handle_with_faults(packet) -> None:  # tests only: make this VM's next packets raise
+            if faults.get(name):
+                faults[name] -= 1
+                try:
+                    raise RuntimeError("fault injected for a test")
+                except RuntimeError as exc:
+                    on_error(name, packet, exc, pipe)
+                return
+            handle(packet)
+
+        return handle_with_faults
 
     def _apply(self, packet, verdict: Any) -> None:
         """The rarer verdicts: a rewrite (then accept or hold) and an ICMP error."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich import box
@@ -50,9 +52,9 @@ def asked(lab: Lab, skin_name: str) -> dict:
     }
 
 
-def run_demo(skin: str, prefix: str = "nskdemo", console: Console | None = None,
-             skins_dir: Path | None = None) -> dict:
-    """Build a lab, measure vm1 without and with ``skin``, remove the lab; return the figures.
+@contextmanager
+def _lab_with_daemon(skin: str, prefix: str, say, skins_dir: Path | None) -> Iterator[tuple[Lab, DaemonProcess]]:
+    """A fresh lab (``skin`` copied in when it is a drop-in) with its daemon; removed afterwards.
 
     ``skins_dir`` is the library the skin is looked up in besides the presets (a bad name or
     file raises its ``UserError`` before anything is built).
@@ -61,7 +63,6 @@ def run_demo(skin: str, prefix: str = "nskdemo", console: Console | None = None,
     library.get(skin)
     entry = library.entry(skin)
     prefix = f"{prefix}{secrets.token_hex(2)}"
-    say = console.status if console else _quiet
     try:
         with say(f"building the lab {prefix} (namespaces, veths, sinks)"):
             lab = lab_up(prefix, vms=2)
@@ -69,17 +70,28 @@ def run_demo(skin: str, prefix: str = "nskdemo", console: Console | None = None,
             lab_skins = Path(load_host_config(lab.config_path).skins_dir)
             shutil.copyfile(entry.path, lab_skins / entry.path.name)
         with DaemonProcess(lab.config_path) as daemon:
-            config = daemon.config
-            with say("measuring without a skin"):
-                before = measure_vm(lab)
-            with say(f"applying {skin} to {VM}"):
-                assign.apply(config, VM, skin)
-            with say(f"measuring with {skin}"):
-                after = measure_vm(lab)
-            goal = asked(lab, skin)
+            yield lab, daemon
     finally:
         with say("removing the lab"):
             lab_down(prefix)
+
+
+def run_demo(skin: str, prefix: str = "nskdemo", console: Console | None = None,
+             skins_dir: Path | None = None) -> dict:
+    """Build a lab, measure vm1 without and with ``skin``, remove the lab; return the figures.
+
+    ``skins_dir`` is the library the skin is looked up in besides the presets (a bad name or
+    file raises its ``UserError`` before anything is built).
+    """
+    say = console.status if console else _quiet
+    with _lab_with_daemon(skin, prefix, say, skins_dir) as (lab, daemon):
+        with say("measuring without a skin"):
+            before = measure_vm(lab)
+        with say(f"applying {skin} to {VM}"):
+            assign.apply(daemon.config, VM, skin)
+        with say(f"measuring with {skin}"):
+            after = measure_vm(lab)
+        goal = asked(lab, skin)
     result = {"skin": skin, "vm": VM, "before": before, "after": after, "asked": goal}
     if console:
         console.print(_table(result))
@@ -119,25 +131,12 @@ def run_timeline_demo(skin: str, seconds: float, png_path: Path, prefix: str = "
     from manager.plot import png, terminal_chart
     from manager.record import record_run
 
-    library = SkinLibrary(Path(skins_dir) if skins_dir is not None else _NO_DROP_INS)
-    library.get(skin)
-    entry = library.entry(skin)
-    prefix = f"{prefix}{secrets.token_hex(2)}"
     say = console.status if console else _quiet
-    try:
-        with say(f"building the lab {prefix} (namespaces, veths, sinks)"):
-            lab = lab_up(prefix, vms=2)
-        if entry.origin == "drop-in":
-            lab_skins = Path(load_host_config(lab.config_path).skins_dir)
-            shutil.copyfile(entry.path, lab_skins / entry.path.name)
-        with DaemonProcess(lab.config_path) as daemon:
-            with say(f"applying {skin} to {VM}"):
-                assign.apply(daemon.config, VM, skin)
-            with say(f"recording {seconds:g} s of {skin} on {VM} (RTT probe, UDP stream, steps)"):
-                recording = record_run(lab, VM, skin, seconds, lambda: daemon.status(VM))
-    finally:
-        with say("removing the lab"):
-            lab_down(prefix)
+    with _lab_with_daemon(skin, prefix, say, skins_dir) as (lab, daemon):
+        with say(f"applying {skin} to {VM}"):
+            assign.apply(daemon.config, VM, skin)
+        with say(f"recording {seconds:g} s of {skin} on {VM} (RTT probe, UDP stream, steps)"):
+            recording = record_run(lab, VM, skin, seconds, lambda: daemon.status(VM))
     recording.save(Path(png_path).with_suffix(".json"))
     png(recording, Path(png_path))
     if console:

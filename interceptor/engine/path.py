@@ -124,8 +124,14 @@ class VmPath:
         # one), so the per-packet cost of timelines is one integer comparison.
         self.timeline: StepClock | None = None
         self.next_change_ns = NEVER_NS
-        self.on_uplink = self._link_handler(self.uplink, outgoing=True)
-        self.on_downlink = self._link_handler(self.downlink, outgoing=False)
+        # The handlers the shell calls per packet (it reads these attributes each time): the plain
+        # ones, or with a timeline the same behind the step check.
+        self._plain_up = self._link_handler(self.uplink, outgoing=True)
+        self._plain_down = self._link_handler(self.downlink, outgoing=False)
+        self._timed_up = self._timed(self._plain_up)
+        self._timed_down = self._timed(self._plain_down)
+        self.on_uplink = self._plain_up
+        self.on_downlink = self._plain_down
 
     def set_skin(self, skin: CompiledSkin, generation: int, timeline: StepClock | None = None) -> None:
         """Swap in ``skin``: reference assignments only, so every packet sees the old or the new.
@@ -134,6 +140,8 @@ class VmPath:
         first packet at or after each change time swaps in the step's precompiled skin.
         """
         self.timeline = timeline
+        self.on_uplink = self._plain_up if timeline is None else self._timed_up
+        self.on_downlink = self._plain_down if timeline is None else self._timed_down
         if timeline is None:
             self.next_change_ns = NEVER_NS
             self._swap(skin)
@@ -181,11 +189,8 @@ class VmPath:
         to_link = self._to_link_handler(pipe) if shared else None
         if shared:
             self.to_link = to_link
-        advance = self.advance_timeline
 
         def on_packet(token: Any, size: int, data: bytes | None, now_ns: int, random: Random) -> Verdict:
-            if now_ns >= self.next_change_ns:  # a timeline's next step is due: swap it in first
-                advance(now_ns)
             if data is not None:
                 return inspect(outgoing, token, size, data, now_ns, random)
             if shared:
@@ -198,6 +203,19 @@ class VmPath:
                 push(held, (decision.departure_ns, next(seq), token, _DEPART, pipe, size, None, None, now_ns))
                 return HELD
             return decision
+
+        return on_packet
+
+    def _timed(self, handler: Callable) -> Callable:
+        """``handler`` behind the timeline's step check: the first packet at or after the next
+        change swaps the step's skin in before it is judged. Only a skin with a timeline pays
+        for the check (``set_skin`` picks the handler)."""
+        advance = self.advance_timeline
+
+        def on_packet(token: Any, size: int, data: bytes | None, now_ns: int, random: Random) -> Verdict:
+            if now_ns >= self.next_change_ns:
+                advance(now_ns)
+            return handler(token, size, data, now_ns, random)
 
         return on_packet
 

@@ -22,6 +22,7 @@ import pytest
 
 from manager.process import DaemonProcess
 from tests.e2e.netns_helpers import ready_script
+from tests.e2e.test_firewall_dns_e2e import LISTENER
 
 pytestmark = pytest.mark.e2e
 
@@ -33,19 +34,6 @@ NOT_SOURCE = shutil.ignore_patterns(
 )
 # Variables that would let the installed tools see the checkout or another configuration.
 LEAKY_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "NETSKIN_CONFIG", "NETSKIN_PRESETS_DIR", "NETSKIN_RULES_DIR")
-
-LISTENER = r"""
-import socket, sys, time
-socks = []
-for port in map(int, sys.argv[1:]):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(16)
-    socks.append(s)
-print("ready", flush=True)
-time.sleep(600)
-"""
 
 CONNECT = r"""
 import json, socket, sys
