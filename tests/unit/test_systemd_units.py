@@ -81,7 +81,7 @@ def analyze(*args: str) -> subprocess.CompletedProcess:
 def test_there_are_units_to_check():
     names = {unit.name for unit in UNITS}
     assert {"netskin-interceptor.service", "netskin-skins.path", "netskin-skins-reload.service",
-            "netskin-api.service"} <= names
+            "netskin-api.service", "netskin-agent.service"} <= names
 
 
 def test_systemd_analyze_verify_says_nothing_about_our_units(tmp_path):
@@ -199,7 +199,8 @@ def test_skins_path_watches_the_default_skins_dir_and_reloads():
     assert "reload" in reload and "netskin-interceptor.service" in reload
 
 
-@pytest.mark.parametrize("unit,limit", [("netskin-interceptor.service", 3.0), ("netskin-api.service", 3.0)])
+@pytest.mark.parametrize("unit,limit", [("netskin-interceptor.service", 3.0), ("netskin-api.service", 3.0),
+                                        ("netskin-agent.service", 3.0)])
 def test_sandbox_exposure_stays_low(tmp_path, unit, limit):
     copies = {copy.name: copy for copy in verifiable_copies(tmp_path)}
     done = analyze("security", "--offline=yes", "--no-pager", str(copies[unit]))
