@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import select
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.stats import median, percentile
-from bench.udp_tool import _CMSG_SPACE, HEADER, _received_ns, _socket, _stop_on_sigterm
+from bench.udp_tool import HEADER, datagrams
 
 PORT = 9103
 RATES_PPS = (100, 1000, 5000)
@@ -55,25 +53,10 @@ OLD_UNIFORM_MS = {100: (13.9, 22.0, 30.2), 1000: (22.2, 25.7, 28.8), 5000: (26.6
 
 def receive(bind: str, idle_s: float, timeout_s: float) -> dict:
     """One-way delays (ms) in arrival order, and how many arrived after a later-numbered one."""
-    _stop_on_sigterm()
-    host, _, port = bind.rpartition(":")
-    sock = _socket(timestamps=True)
-    sock.bind((host, int(port)))
-    print("ready", flush=True)
     delays_ms, seen = [], set()
     reordered = duplicates = 0
     highest = -1
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        now = time.monotonic()
-        limit = deadline if last is None else min(deadline, last + idle_s)
-        if now >= limit:
-            break
-        if not select.select([sock], [], [], limit - now)[0]:
-            continue
-        data, ancdata, _, _ = sock.recvmsg(2048, _CMSG_SPACE)
-        last = time.monotonic()
+    for data, arrived_ns in datagrams(bind, idle_s, timeout_s, 2048):
         if len(data) < HEADER.size:
             continue
         seq, sent_ns = HEADER.unpack_from(data)
@@ -84,7 +67,7 @@ def receive(bind: str, idle_s: float, timeout_s: float) -> dict:
         if seq < highest:
             reordered += 1
         highest = max(highest, seq)
-        delays_ms.append((_received_ns(ancdata) - sent_ns) / 1e6)
+        delays_ms.append((arrived_ns - sent_ns) / 1e6)
     return {"delays_ms": delays_ms, "reordered": reordered, "duplicates": duplicates,
             "highest_seq": highest}
 

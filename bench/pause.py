@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
-import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from bench.stats import median, percentile
-from bench.udp_tool import _CMSG_SPACE, HEADER, _received_ns, _socket, _stop_on_sigterm
+from bench.udp_tool import HEADER, datagrams
 
 PROBE_PORT = 9102
 LATENCY_MS = 20.0  # the skins' round-trip delay: half of it is added to each direction
@@ -70,29 +67,13 @@ def all_skins(plan: PausePlan) -> list[dict]:
 
 def receive(bind: str, idle_s: float, timeout_s: float) -> dict:
     """Record (sequence, send ns, receive ns) of each datagram until idle_s passes with none."""
-    _stop_on_sigterm()
-    host, _, port = bind.rpartition(":")
-    sock = _socket(timestamps=True)
-    sock.bind((host, int(port)))
-    print("ready", flush=True)
     seqs, sent, received = [], [], []
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        now = time.monotonic()
-        limit = deadline if last is None else min(deadline, last + idle_s)
-        if now >= limit:
-            break
-        readable, _, _ = select.select([sock], [], [], limit - now)
-        if not readable:
-            continue
-        data, ancdata, _, _ = sock.recvmsg(2048, _CMSG_SPACE)
-        last = time.monotonic()
+    for data, arrived_ns in datagrams(bind, idle_s, timeout_s, 2048):
         if len(data) >= HEADER.size:
             seq, sent_ns = HEADER.unpack_from(data)
             seqs.append(seq)
             sent.append(sent_ns)
-            received.append(_received_ns(ancdata))
+            received.append(arrived_ns)
     return {"seq": seqs, "sent_ns": sent, "received_ns": received}
 
 

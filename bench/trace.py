@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import array
 import json
-import select
 import sys
-import time
 from dataclasses import dataclass
 
 from bench.stats import median
-from bench.udp_tool import _CMSG_SPACE, IPV4_UDP_OVERHEAD_BYTES, _received_ns, _socket, _stop_on_sigterm
+from bench.udp_tool import IPV4_UDP_OVERHEAD_BYTES, datagrams
 from interceptor import traces
 from interceptor.engine.trace import CompiledTrace
 
@@ -104,25 +102,9 @@ def summary(trace: CompiledTrace, arrivals_ns: list[int], sizes: list[int]) -> d
 
 def receive(bind: str, idle_s: float, timeout_s: float) -> dict:
     """Kernel arrival time and IP size of every datagram, until idle_s passes with none."""
-    _stop_on_sigterm()
-    host, _, port = bind.rpartition(":")
-    sock = _socket(timestamps=True)
-    sock.bind((host, int(port)))
-    print("ready", flush=True)
     arrivals, sizes = array.array("q"), array.array("i")
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        now = time.monotonic()
-        limit = deadline if last is None else min(deadline, last + idle_s)
-        if now >= limit:
-            break
-        readable, _, _ = select.select([sock], [], [], limit - now)
-        if not readable:
-            continue
-        data, ancdata, _, _ = sock.recvmsg(65535, _CMSG_SPACE)
-        last = time.monotonic()
-        arrivals.append(_received_ns(ancdata))
+    for data, arrived_ns in datagrams(bind, idle_s, timeout_s):
+        arrivals.append(arrived_ns)
         sizes.append(len(data) + IPV4_UDP_OVERHEAD_BYTES)
     return {"arrivals_ns": arrivals.tolist(), "sizes": sizes.tolist()}
 

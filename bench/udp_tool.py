@@ -137,6 +137,27 @@ def send(target: str, count: int, rate_pps: float, size: int) -> dict:
     return {"sent": sent, "send_errors": errors, "seconds": elapsed, "size": size}
 
 
+def datagrams(bind: str, idle_s: float, timeout_s: float, bufsize: int = 65535):
+    """The receivers' loop: bind ``bind`` ("host:port"), say "ready", then yield (payload, kernel
+    arrival ns) of each datagram until idle_s passes with none (after the first) or timeout_s in all."""
+    _stop_on_sigterm()
+    sock = _socket(timestamps=True)
+    sock.bind(_address(bind))
+    print("ready", flush=True)
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        now = time.monotonic()
+        limit = deadline if last is None else min(deadline, last + idle_s)
+        if now >= limit:
+            return
+        if not select.select([sock], [], [], limit - now)[0]:
+            continue
+        data, ancdata, _, _ = sock.recvmsg(bufsize, _CMSG_SPACE)
+        last = time.monotonic()
+        yield data, _received_ns(ancdata)
+
+
 def count(bind: str, idle_s: float, timeout_s: float, warmup_s: float) -> dict:
     """Count datagrams until idle_s passes with none (after the first) or timeout_s in all.
 
@@ -144,27 +165,12 @@ def count(bind: str, idle_s: float, timeout_s: float, warmup_s: float) -> dict:
     packets that arrived after ``warmup_s``: bytes after the first of them divided by the time
     from the first to the last, which needs no agreement with the sender about start and end.
     """
-    _stop_on_sigterm()
-    sock = _socket(timestamps=True)
-    sock.bind(_address(bind))
-    print("ready", flush=True)
     seen = bytearray()
     arrivals = array.array("q")
     sizes = array.array("i")
     duplicates = 0
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        now = time.monotonic()
-        limit = deadline if last is None else min(deadline, last + idle_s)
-        if now >= limit:
-            break
-        readable, _, _ = select.select([sock], [], [], limit - now)
-        if not readable:
-            continue
-        data, ancdata, _, _ = sock.recvmsg(65535, _CMSG_SPACE)
-        last = time.monotonic()
-        arrivals.append(_received_ns(ancdata))
+    for data, arrived_ns in datagrams(bind, idle_s, timeout_s):
+        arrivals.append(arrived_ns)
         sizes.append(len(data) + IPV4_UDP_OVERHEAD_BYTES)
         if len(data) >= HEADER.size:
             seq = HEADER.unpack_from(data)[0]

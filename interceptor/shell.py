@@ -61,7 +61,6 @@ class Shell:
         self.injector = Injector()
         self.fault_injection = fault_injection
         self.faults: dict[str, int] = {}  # vm → packets left whose handling is made to raise (tests)
-        self.released = 0  # held packets verdicted by the release task (progress, for the watchdog)
 
     @property
     def link(self):
@@ -226,7 +225,6 @@ class Shell:
                         packet.drop()
                 except Exception:  # noqa: BLE001 - verdicted already (after an error) or queue gone
                     pass
-            self.released += len(due)
             self._rearm()
 
     def release_all(self) -> int:

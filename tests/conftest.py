@@ -117,3 +117,25 @@ def lab_prefix(request):
     prefix = unique_lab_prefix()
     request.addfinalizer(lambda: lab_down(prefix))
     return prefix
+
+
+@pytest.fixture
+def skins(lab):
+    """Write skins into the lab's drop-in directory; the files are removed afterwards. (A module
+    that overrides ``lab``, e.g. with its module-wide lab, gets its skins written there.)"""
+    import json
+
+    from interceptor.schema import load_host_config
+
+    skins_dir = load_host_config(lab.config_path).skins_dir
+    written = []
+
+    def write(name: str, **fields) -> str:
+        path = skins_dir / f"{name}.json"
+        path.write_text(json.dumps({"name": name, **fields}))
+        written.append(path)
+        return name
+
+    yield write
+    for path in written:
+        path.unlink(missing_ok=True)

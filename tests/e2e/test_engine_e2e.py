@@ -16,7 +16,6 @@ import pytest
 
 from bench.stats import binomial_interval
 
-from interceptor.schema import load_host_config
 from manager import measure
 from tests.e2e import oneway
 from manager.process import DaemonProcess
@@ -37,22 +36,6 @@ def close_to(measured: float, expected: float, tolerance: float, floor: float = 
 def lab(lab_module):
     return lab_module
 
-
-@pytest.fixture
-def skins(lab):
-    """Write skins into the lab's drop-in directory; the files are removed afterwards."""
-    skins_dir = load_host_config(lab.config_path).skins_dir
-    written = []
-
-    def write(name: str, **fields) -> str:
-        path = skins_dir / f"{name}.json"
-        path.write_text(json.dumps({"name": name, **fields}))
-        written.append(path)
-        return name
-
-    yield write
-    for path in written:
-        path.unlink(missing_ok=True)
 
 
 def start_daemon(lab) -> DaemonProcess:

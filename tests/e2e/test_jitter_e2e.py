@@ -10,13 +10,11 @@ The benchmark (bench/jitter.py) holds the 1 ms goal over longer runs. Values pri
 
 from __future__ import annotations
 
-import json
 import statistics
 
 import pytest
 
 from bench.stats import percentile
-from interceptor.schema import load_host_config
 from manager.process import DaemonProcess
 from tests.e2e import oneway
 
@@ -44,21 +42,6 @@ def daemon(lab):
     finally:
         d.stop()
 
-
-@pytest.fixture
-def skins(lab):
-    skins_dir = load_host_config(lab.config_path).skins_dir
-    written = []
-
-    def write(name: str, **fields) -> str:
-        path = skins_dir / f"{name}.json"
-        path.write_text(json.dumps({"name": name, **fields}))
-        written.append(path)
-        return name
-
-    yield write
-    for path in written:
-        path.unlink(missing_ok=True)
 
 
 def apply(daemon: DaemonProcess, vm: str, skin: str) -> None:
