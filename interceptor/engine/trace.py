@@ -114,7 +114,12 @@ def shape_trace(trace: CompiledTrace, clock: RateClock, size: int, now_ns: int, 
         # at or after both the arrival and the end of what is ahead.
         start = now_ns if now_ns > last_ns else last_ns
         cycle, offset = divmod(start - origin, period)
-        i = bisect_left(times, offset)
+        if offset == 0 and cycle and times[-1] == period:
+            # A timestamp equal to the period is the end of the cycle before: it is exactly now.
+            cycle -= 1
+            i = bisect_left(times, period)
+        else:
+            i = bisect_left(times, offset)
         if i == n:
             cycle += 1
             i = 0
