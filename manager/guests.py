@@ -706,7 +706,7 @@ def measure_guest(lab, vm: str = "vm1", seconds: float = 3.0) -> dict:
 
     address = lab.vm(vm).address
     ping = measure.ping(lab, "inet", address, count=20, interval=0.05)
-    probe = measure.udp_probe(lab, "inet", address, ECHO_PORT, count=200, rate_pps=100)
+    probe = measure.udp_probe(lab, "inet", address, ECHO_PORT, count=200, rate_pps=100, warm_up=True)
 
     def iperf3(reverse: bool) -> float:
         # iperf3 -s serves one test at a time and reopens its socket after each: a test that

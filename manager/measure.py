@@ -72,11 +72,15 @@ def ping(lab: Lab, vm: str, target: str, count: int = 10, interval: float = 0.2,
 
 def udp_probe(lab: Lab, vm: str, target: str | None = None, port: int | None = None, *,
               count: int = 100, rate_pps: float = 100.0, payload_bytes: int = 64,
-              timeout_s: float = 2.0) -> dict:
+              timeout_s: float = 2.0, warm_up: bool = False) -> dict:
     """Send count numbered datagrams at rate_pps to the inet UDP echo and match the echoes.
 
     Loss is round-trip: an echo cannot tell which direction dropped a datagram. `reordered`
     counts echoes that arrived after an echo of a later datagram.
+
+    warm_up first sends unnumbered datagrams from the same socket until one is echoed (up to
+    timeout_s): an echo server that forks a child per peer (the guests' socat) is not listening
+    for a moment after a new peer's first datagram, and that moment is not the path's loss.
     """
     target = target or lab.inet_address
     port = port or lab.echo_port
@@ -91,6 +95,8 @@ def udp_probe(lab: Lab, vm: str, target: str | None = None, port: int | None = N
     highest_seq = -1
     try:
         sock.connect((target, port))
+        if warm_up:
+            _warm_up(sock, padding, timeout_s)
         sock.setblocking(False)
         start_ns = time.monotonic_ns()
         sent = 0
@@ -123,6 +129,8 @@ def udp_probe(lab: Lab, vm: str, target: str | None = None, port: int | None = N
                 if len(reply) < _PROBE_HEADER.size:
                     continue
                 seq, sent_ns = _PROBE_HEADER.unpack_from(reply)
+                if seq >= count:  # a late echo of a warm-up datagram
+                    continue
                 if seq in rtts_ms:
                     duplicates += 1
                     continue
@@ -141,6 +149,29 @@ def udp_probe(lab: Lab, vm: str, target: str | None = None, port: int | None = N
         "errors": errors,
         **_rtt_summary(list(rtts_ms.values())),
     }
+
+
+_WARM_UP_SEQ = 0xFFFFFFFF
+
+
+def _warm_up(sock: socket.socket, padding: bytes, timeout_s: float) -> bool:
+    """Send a warm-up datagram every 0.2 s until one is echoed; False if none was in timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            sock.send(_PROBE_HEADER.pack(_WARM_UP_SEQ, 0) + padding)
+        except OSError:
+            pass
+        answer_by = time.monotonic() + min(0.2, left)
+        while (wait := answer_by - time.monotonic()) > 0:
+            sock.settimeout(wait)
+            try:
+                reply = sock.recv(65535)
+            except (TimeoutError, OSError):
+                break
+            if len(reply) >= _PROBE_HEADER.size and _PROBE_HEADER.unpack_from(reply)[0] == _WARM_UP_SEQ:
+                return True
+    return False
 
 
 def iperf3(lab: Lab, vm: str, port: int | None = None, reverse: bool = False, udp: bool = False,

@@ -156,7 +156,7 @@ def test_iperf3_both_ways(path):
 
 def test_tcp_and_udp_echo_in_the_guest_answer(routed_lab):
     lab, guest = routed_lab, routed_lab.vm("vm1")
-    probe = measure.udp_probe(lab, "inet", guest.address, guests.ECHO_PORT, count=20, rate_pps=50)
+    probe = measure.udp_probe(lab, "inet", guest.address, guests.ECHO_PORT, count=20, rate_pps=50, warm_up=True)
     assert probe["loss_percent"] == 0, probe
     for family, address in ((socket.AF_INET, guest.address), (socket.AF_INET6, guest.address6)):
         with lab.socket("inet", family, socket.SOCK_STREAM) as sock:
