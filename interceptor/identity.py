@@ -91,7 +91,7 @@ class Original:
     address: str  # "10.77.1.2/24", or the configured "10.77.1.2" when it could not be read
     address6: str | None = None  # "fd77:1::2/64"
     mac: str | None = None  # of the VM-side interface
-    mtu: int | None = None  # of the VM-side interface (the host-side MTU for a VM without netns)
+    mtu: int | None = None  # of the VM-side interface (unknown for a VM without netns: a guest)
     host_mtu: int | None = None  # of the host-side device
     resolvers: tuple[str, ...] = ()  # nameserver IPs from the VM's resolv.conf
     interface: str | None = None  # the VM-side interface inside its netns, e.g. "eth0"
@@ -147,7 +147,7 @@ def capture(vm_name: str, vm: VmConfig) -> Original:
             address=str(vm.address),
             address6=None if vm.address6 is None else str(vm.address6),
             mac=mac,
-            mtu=host_mtu,  # what the host knows of the path MTU; the guest's own is out of reach
+            mtu=None,  # the guest's own MTU is out of the host's reach (host_mtu is the path's)
             host_mtu=host_mtu,
             readable=tuple(readable),
             host_ipv6=host_ipv6,
@@ -193,13 +193,14 @@ def capture(vm_name: str, vm: VmConfig) -> Original:
 
 
 def read(vm: VmConfig, original: Original | None = None, *, vm_name: str | None = None) -> dict:
-    """The identity settings as they are now: ``{"mac", "mtu", "host_mtu"}`` (None: unreadable)."""
+    """The identity settings as they are now: ``{"mac", "mtu", "host_mtu"}`` (None: unreadable;
+    without a netns the guest's own MTU always is)."""
     label = _label(vm, vm_name)
     with _host(label) as host:
         index = _lookup(host, vm.interface)
         host_mtu = None if index is None else _link(host, index).get_attr("IFLA_MTU")
     if vm.netns is None:
-        return {"mac": _neighbour_mac(vm, label), "mtu": host_mtu, "host_mtu": host_mtu}
+        return {"mac": _neighbour_mac(vm, label), "mtu": None, "host_mtu": host_mtu}
     with _vm_netns(vm, label) as ipr:
         index = _find_vm_interface(ipr, vm, original.interface if original else None)
         if index is None:

@@ -45,6 +45,13 @@ def cannot_enforce(config: VmConfig, skin: CompiledSkin) -> list[str]:
             f"(interface {config.interface} has no netns in the host config); "
             f"add optional = [\"mac_address\"] to the skin to apply it without the MAC"
         )
+    if skin.mtu is not None and config.netns is None and "mtu" not in skin.optional:
+        found.append(
+            f"mtu {skin.mtu}: the host cannot set the MTU of the guest's own interface "
+            f"(interface {config.interface} has no netns in the host config); "
+            f"add optional = [\"mtu\"] to the skin to enforce it on the path only (the host side of "
+            f"{config.interface} at {skin.mtu}: larger packets get frag-needed / packet-too-big)"
+        )
     return found
 
 
@@ -82,6 +89,9 @@ def reconcile(job: IdentityJob) -> IdentityResult:
     # unless a skin asks (and ``cannot_enforce`` refuses that unless the skin made it optional).
     if vm_config.netns is None and skin.mac_address is None:
         wanted["mac"] = None
+    # Nor does it see or set the guest's own MTU: a skin's mtu is the host side's (the path).
+    if vm_config.netns is None:
+        wanted["mtu"] = None
     failed: set[str] = set()
     differs = [key for key in ("mac", "mtu", "host_mtu") if wanted[key] is not None
                and current.get(key) != wanted[key]]
@@ -93,12 +103,13 @@ def reconcile(job: IdentityJob) -> IdentityResult:
         except identity.IdentityError as exc:
             problems.append(f"original identity not restored: {exc}")
         differs = []
-    for field_name, key in (("mac_address", "mac"), ("mtu", "mtu")):
+    mtu_key = "mtu" if vm_config.netns is not None else "host_mtu"
+    for field_name, key in (("mac_address", "mac"), ("mtu", mtu_key)):
         want = wanted[key]
         if want is None or (key not in differs and (key != "mtu" or "host_mtu" not in differs)):
             continue
         try:
-            setters[key](want)
+            setters["mac" if key == "mac" else "mtu"](want)
         except identity.IdentityError as exc:
             failed.add(key)
             if getattr(skin, field_name) is not None and field_name in skin.optional:

@@ -367,6 +367,12 @@ def _report_vm(vm: str, result: dict, as_json: bool, line: str) -> None:
         typer.echo(line)
 
 
+def _mtu_text(original: dict) -> str:
+    if original.get("mtu") is None and original.get("host_mtu") is not None:
+        return f"{original['host_mtu']} on the host side (the guest's own is not visible)"
+    return str(original.get("mtu"))
+
+
 @app.command("status")
 def status_cmd(ctx: typer.Context, vm: Annotated[Optional[str], typer.Argument(help="One VM (default: all).")] = None,
                config: ConfigOption = None, as_json: JsonOption = False) -> None:
@@ -391,7 +397,7 @@ def status_cmd(ctx: typer.Context, vm: Annotated[Optional[str], typer.Argument(h
         original = st.get("original") or {}
         if original:
             typer.echo(f"{name}: original: address {original.get('address')}, MAC {original.get('mac')}, "
-                       f"MTU {original.get('mtu')}, DNS {', '.join(original.get('resolvers') or []) or '-'}")
+                       f"MTU {_mtu_text(original)}, DNS {', '.join(original.get('resolvers') or []) or '-'}")
         firewall = st.get("firewall") or {}
         if firewall.get("profile"):
             hits = "; ".join(f"{rule['rule']}: {rule['hits']}" for rule in firewall.get("rules", []))
