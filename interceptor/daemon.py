@@ -187,7 +187,7 @@ class Daemon:
 
     def install_rules(self) -> None:
         rules.install([self._vm_rules(vm) for vm in self.shell.paths], fail_open=self.config.fail_mode == "open",
-                      timeout_s=RULES_TIMEOUT_S)
+                      mark=self.config.steering_mark, timeout_s=RULES_TIMEOUT_S)
 
     # -- identity -----------------------------------------------------------------------------
 

@@ -8,8 +8,16 @@ bridge for the VM's address (a routed packet's bridge port is not known yet in P
 So every layout is seen, in both directions, and a packet between two VMs meets the sender's
 uplink and then the receiver's downlink. Uplink steering runs before the filter table and
 downlink steering after it; either way a packet the daemon accepts goes on through the rest of
-the host's rules (libvirt's, Docker's, the admin's) as if netskin were not there. netskin sets
-no packet marks.
+the host's rules (libvirt's, Docker's, the admin's) as if netskin were not there.
+
+One packet-mark bit (the host config's ``steering_mark``) lives only between mangle PREROUTING
+and the routing decision, and only on packets from a VM's bridge port: the kernel runs IPv4/IPv6
+PREROUTING once at the bridge (where netskin queues) and, for the segments the queue cut out of
+a GSO packet bound for the host or routed by it, once more on the way up the IP stack. The bit,
+set as the packet is queued, makes ``NETSKIN-UP`` let that second pass by (queued twice, a
+segment took the rate twice and arrived after its successors: TCP from a guest through a
+bridge the host routes got a third less than asked). Chain ``NETSKIN-SEEN``, first in mangle
+FORWARD and INPUT, clears it again.
 
 Firewall: chain ``NETSKIN`` in the filter table, inserted at position 1 of FORWARD, INPUT and
 OUTPUT, holds only jumps to the per-VM chains of VMs that wear a profile (``interceptor.firewall``
@@ -39,6 +47,9 @@ from interceptor.profiles import CompiledProfile
 CHAIN = "NETSKIN"  # filter: the jumps to the VMs' firewalls (and, in mangle, an earlier layout)
 UP_CHAIN = "NETSKIN-UP"  # mangle PREROUTING: what enters from a VM → its uplink queue
 DOWN_CHAIN = "NETSKIN-DOWN"  # mangle POSTROUTING: what leaves towards a VM → its downlink queue
+SEEN_CHAIN = "NETSKIN-SEEN"  # mangle FORWARD and INPUT: clear the steering mark bit
+SEEN_HOOKS = ("FORWARD", "INPUT")
+DEFAULT_MARK = 0x0010_0000
 TAG = "netskin"
 HOOKS = ("FORWARD", "INPUT", "OUTPUT")  # filter hooks jumping to CHAIN
 DEFAULT_TIMEOUT_S = 10.0
@@ -73,13 +84,13 @@ class VmRules:
 # --- the module API ---------------------------------------------------------------------------
 
 
-def install(vms: list[VmRules], fail_open: bool, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def install(vms: list[VmRules], fail_open: bool, mark: int = DEFAULT_MARK, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Steering and every VM's firewall chains, replacing whatever netskin had installed."""
     _check(vms)
     deadline = _Deadline(timeout_s)
     for save, restore, version in _family_tools():
         saved = _run([save], timeout_s=deadline.left())
-        _restore(restore, render_install(saved, vms, fail_open, version), deadline)
+        _restore(restore, render_install(saved, vms, fail_open, version, mark), deadline)
 
 
 def set_profile(vm: VmRules, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -150,11 +161,11 @@ def parse_save(saved: str) -> dict[str, SavedTable]:
     return tables
 
 
-def render_install(saved: str, vms: list[VmRules], fail_open: bool, version: int) -> str:
+def render_install(saved: str, vms: list[VmRules], fail_open: bool, version: int, mark: int = DEFAULT_MARK) -> str:
     """Restore input that replaces netskin's rules with steering and firewalls for ``vms``."""
     tables = parse_save(saved)
     return _transaction(
-        _mangle_lines(tables.get("mangle"), vms, fail_open, version),
+        _mangle_lines(tables.get("mangle"), vms, fail_open, version, mark),
         _filter_lines(tables.get("filter"), {vm.name: vm for vm in vms}, False, version),
     )
 
@@ -189,7 +200,7 @@ def _transaction(mangle: list[str], filter_: list[str]) -> str:
 
 def _is_ours(table: str, chain: str) -> bool:
     if table == "mangle":
-        return chain in (CHAIN, UP_CHAIN, DOWN_CHAIN)
+        return chain in (CHAIN, UP_CHAIN, DOWN_CHAIN, SEEN_CHAIN)
     return chain == CHAIN or (table == "filter" and firewall.is_firewall_chain(chain))
 
 
@@ -203,25 +214,30 @@ def _jumps_into_ours(table_name: str, table: SavedTable) -> list[str]:
     return lines
 
 
-def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open: bool, version: int) -> list[str]:
+def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open: bool, version: int,
+                  mark: int = DEFAULT_MARK) -> list[str]:
     """Steering for ``vms``, or none (``None`` or no VMs), in place of what is there."""
     table = table or SavedTable()
     lines = _jumps_into_ours("mangle", table)
     existing = [chain for chain in table.chains if _is_ours("mangle", chain)]
-    wanted = (UP_CHAIN, DOWN_CHAIN) if vms else ()
+    wanted = (UP_CHAIN, DOWN_CHAIN, SEEN_CHAIN) if vms else ()
     stale = [chain for chain in existing if chain not in wanted]
     lines += [f":{chain} - [0:0]" for chain in stale]  # declaring a chain flushes it
     lines += [f"-X {chain}" for chain in stale]
     if not vms:
         return lines
     bypass = " --queue-bypass" if fail_open else ""
-    lines += [f":{UP_CHAIN} - [0:0]", f":{DOWN_CHAIN} - [0:0]"]
+    bit = f"{mark:#x}/{mark:#x}"
+    lines += [f":{UP_CHAIN} - [0:0]", f":{DOWN_CHAIN} - [0:0]", f":{SEEN_CHAIN} - [0:0]"]
+    lines.append(f'-A {UP_CHAIN} -m mark --mark {bit} -m comment --comment "{TAG} queued already" -j RETURN')
+    lines.append(f'-A {SEEN_CHAIN} -m mark --mark {bit} -j MARK --set-xmark 0x0/{mark:#x}')
     for vm in vms:
         up = f'-m comment --comment "{TAG} vm={vm.name} uplink" -j NFQUEUE --queue-num {vm.uplink_queue}{bypass}'
         down = f'-m comment --comment "{TAG} vm={vm.name} downlink" -j NFQUEUE --queue-num {vm.downlink_queue}{bypass}'
         # Routed taps/veths match by device, bridge ports by physdev; both are installed. In
         # PREROUTING a bridge port is known for bridged and for routed packets alike.
         lines.append(f"-A {UP_CHAIN} -i {vm.interface} {up}")
+        lines.append(f"-A {UP_CHAIN} -m physdev --physdev-in {vm.interface} -j MARK --set-xmark {bit}")
         lines.append(f"-A {UP_CHAIN} -m physdev --physdev-in {vm.interface} {up}")
         lines.append(f"-A {DOWN_CHAIN} -o {vm.interface} {down}")
         lines.append(f"-A {DOWN_CHAIN} -m physdev --physdev-out {vm.interface} --physdev-is-bridged {down}")
@@ -234,6 +250,7 @@ def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open
     # a packet the daemon accepts leaves mangle's chain at the queue.
     lines.append(f'-A PREROUTING -m comment --comment "{TAG}" -j {UP_CHAIN}')
     lines.append(f'-A POSTROUTING -m comment --comment "{TAG}" -j {DOWN_CHAIN}')
+    lines += [f'-I {hook} 1 -m comment --comment "{TAG}" -j {SEEN_CHAIN}' for hook in SEEN_HOOKS]
     return lines
 
 

@@ -164,6 +164,10 @@ class HostConfig(_Strict):
     # Packets one VM may have held per direction (delay, rate queue); more are dropped as
     # "overflow", so one VM's flood cannot exhaust memory or fill its kernel queue.
     max_held_packets: Annotated[int, Field(ge=16, le=1_000_000, strict=True)] = 15_000
+    # One packet-mark bit: set on a packet queued from a bridge port, so the kernel's second
+    # PREROUTING pass of a bridged-then-routed GSO segment does not queue it twice; cleared in
+    # mangle FORWARD/INPUT. Pick a bit no other tool on the host uses.
+    steering_mark: Annotated[int, Field(ge=1, le=0x8000_0000, strict=True)] = 0x0010_0000
     vms: dict[str, VmConfig] = {}
     store: StoreConfig | None = None  # a fleet member (netskin agent); None: a single host
 
@@ -173,6 +177,13 @@ class HostConfig(_Strict):
         for name in vms:
             _check_name(name, "VM")
         return vms
+
+    @field_validator("steering_mark")
+    @classmethod
+    def _one_bit(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"{value:#x} is not a single bit (allowed: one of 0x1, 0x2, … 0x80000000)")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> HostConfig:

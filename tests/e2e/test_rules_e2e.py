@@ -244,7 +244,9 @@ def test_marks_of_other_tools_are_left_alone(owned, tmp_path):
         assert tcp_echo(lab, "vm1", lab.inet_address, lab.echo_port) == b"ping"
         assert counter(lab, "-A FORWARD -i tap-vm1 -m mark") >= 3
         assert queue_counts(tmp_path)[UP] >= 3
-    assert "mark" not in "\n".join(line for line in saved(lab).splitlines() if "netskin" in line.lower())
+    # netskin's own mark rules use only its steering bit, never the other tool's.
+    ours = [line for line in saved(lab).splitlines() if "mark" in line and "NETSKIN" in line]
+    assert ours and all(f"{rules.DEFAULT_MARK:#x}" in line and mark not in line for line in ours), ours
 
 
 # --- the firewall in the kernel -------------------------------------------------------------------
@@ -367,7 +369,10 @@ def test_remove_restores_the_ruleset_and_remove_steering_keeps_only_the_firewall
     in_hv(lab, rules.install, vms, True)
     in_hv(lab, rules.install, vms, True)
     installed = saved(lab)
-    assert "mark" not in installed and "REJECT" not in installed
+    assert "REJECT" not in installed
+    marks = [line for line in installed.splitlines() if "mark" in line]  # the steering bit only, in mangle
+    assert marks and all(f"{rules.DEFAULT_MARK:#x}" in line for line in marks)
+    assert not any("mark" in line for line in _table(installed, "filter"))
     assert all("NFQUEUE" not in line for line in _table(installed, "filter"))
     jumps = [line for line in _table(installed, "filter") if line.endswith("-j NETSKIN")]
     assert len(jumps) == 6, jumps  # FORWARD, INPUT, OUTPUT once, in each family

@@ -55,13 +55,27 @@ def test_steering_is_uplink_in_prerouting_and_downlink_in_postrouting():
     assert mangle == [
         ":NETSKIN-UP - [0:0]",
         ":NETSKIN-DOWN - [0:0]",
+        ":NETSKIN-SEEN - [0:0]",
+        # A bridge port's packet passes PREROUTING twice when the queue cut a GSO packet: once only.
+        '-A NETSKIN-UP -m mark --mark 0x100000/0x100000 -m comment --comment "netskin queued already" -j RETURN',
+        "-A NETSKIN-SEEN -m mark --mark 0x100000/0x100000 -j MARK --set-xmark 0x0/0x100000",
         f"-A NETSKIN-UP -i tap-vm1 {up}",
+        "-A NETSKIN-UP -m physdev --physdev-in tap-vm1 -j MARK --set-xmark 0x100000/0x100000",
         f"-A NETSKIN-UP -m physdev --physdev-in tap-vm1 {up}",  # bridged or routed from a bridge port
         f"-A NETSKIN-DOWN -o tap-vm1 {down}",
         f"-A NETSKIN-DOWN -m physdev --physdev-out tap-vm1 --physdev-is-bridged {down}",
         '-A PREROUTING -m comment --comment "netskin" -j NETSKIN-UP',
         '-A POSTROUTING -m comment --comment "netskin" -j NETSKIN-DOWN',
+        '-I FORWARD 1 -m comment --comment "netskin" -j NETSKIN-SEEN',  # clears the bit after routing
+        '-I INPUT 1 -m comment --comment "netskin" -j NETSKIN-SEEN',
     ]
+
+
+def test_the_steering_mark_is_one_configurable_bit_used_only_in_mangle():
+    text = rules.render_install("", [vm(profile=shipped("restricted"))], fail_open=False, version=4, mark=0x40)
+    marks = [line for line in text.splitlines() if "mark" in line.lower()]
+    assert marks and all("0x40/0x40" in line or "0x0/0x40" in line for line in marks)
+    assert not any("mark" in line.lower() for line in section(text, "filter"))
 
 
 @pytest.mark.parametrize("version, address", [(4, "10.77.100.2/32"), (6, "fd77:100::2/128")])
@@ -83,10 +97,10 @@ def test_fail_open_adds_queue_bypass_to_every_queue_rule():
 
 
 @pytest.mark.parametrize("version", [4, 6])
-def test_no_marks_and_no_accept_anywhere(version):
+def test_no_accept_anywhere_and_no_marks_in_the_firewall(version):
     vms = [vm(profile=shipped("restricted")), vm("vm2", index=2, profile=profile(default_in="reject"))]
     text = rules.render_install("", vms, fail_open=True, version=version)
-    assert "mark" not in text.lower()
+    assert "mark" not in "\n".join(section(text, "filter")).lower()
     assert "-j ACCEPT" not in text
 
 
@@ -322,8 +336,8 @@ def test_remove_steering_leaves_the_firewall():
     saved = _as_saved(rules.render_install("", [vm(profile=shipped("restricted"))], False, 4))
     text = rules.render_remove_steering(saved)
     assert section(text, "filter") == []
-    assert section(text, "mangle")[-4:] == [":NETSKIN-UP - [0:0]", ":NETSKIN-DOWN - [0:0]", "-X NETSKIN-UP",
-                                            "-X NETSKIN-DOWN"]
+    assert section(text, "mangle")[-6:] == [":NETSKIN-UP - [0:0]", ":NETSKIN-DOWN - [0:0]", ":NETSKIN-SEEN - [0:0]",
+                                            "-X NETSKIN-UP", "-X NETSKIN-DOWN", "-X NETSKIN-SEEN"]
     assert rules.render_remove_steering(OLD_LAYOUT) == ""  # no steering in mangle: nothing to do
 
 
