@@ -59,11 +59,15 @@ def parse_ping(output: str) -> dict:
 
 
 def ping(lab: Lab, vm: str, target: str, count: int = 10, interval: float = 0.2, *,
-         size: int | None = None, wait_s: float = 5.0) -> dict:
-    """Ping target from a VM; see parse_ping for the keys. wait_s bounds the wait for late replies."""
+         size: int | None = None, wait_s: float = 5.0, dont_fragment: bool = False) -> dict:
+    """Ping target from a VM; see parse_ping for the keys. wait_s bounds the wait for late replies.
+
+    dont_fragment (-M do) makes a packet larger than the path MTU fail instead of fragmenting."""
     argv = ["ping", "-6" if ":" in target else "-4", "-n", "-c", count, "-i", interval, "-W", wait_s]
     if size is not None:
         argv += ["-s", size]
+    if dont_fragment:
+        argv += ["-M", "do"]
     done = lab.exec(vm, [*argv, target], timeout=count * interval + wait_s + 30)
     if done.returncode not in (0, 1):  # 1: some or all replies missing, which is a measurement
         raise MeasureError(f"ping {target} from {vm} failed ({done.returncode}): {done.stderr.strip()}")

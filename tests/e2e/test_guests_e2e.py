@@ -16,20 +16,38 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
+import threading
+import time
 import tomllib
 
 import pytest
 
+from bench.stats import binomial_interval
 from interceptor.schema import load_host_config
 from manager import guests, measure
 from manager.process import DaemonProcess
 from tests.conftest import lab_skip_reason, unique_lab_prefix
+from tests.e2e.test_manager_e2e import netskin
 
 pytestmark = pytest.mark.e2e
 
 LATENCY_MS = 100
 LATENCY_TOLERANCE_MS = 25  # TCG guests add a few ms of scheduling noise to each RTT
 MIN_TCP_MBITS = 20.0  # TCG moves hundreds of Mbit/s; this only says "iperf3 works"
+RATE_KBPS = 2000
+RATE_TOLERANCE = 0.10
+LOSS_PERCENT = 20  # each way: a ping's round trip survives with (1 - 0.2)²
+GUEST_MAC = "52:54:00:aa:bb:cc"
+SKINS = {
+    "lat100": {"latency_ms": LATENCY_MS},
+    "rate2000": {"bandwidth_limit_kbps": RATE_KBPS},
+    "loss20": {"packet_loss_percent": LOSS_PERCENT},
+    "locked": {"security_profile": "restricted"},
+    "lat30-mac": {"latency_ms": 30, "mac_address": GUEST_MAC},
+    "mtu1400": {"mtu": 1400},
+    "mtu1400-path": {"mtu": 1400, "optional": ["mtu"]},
+}
 PATHS = ("routed", "bridge-peer", "bridge-routed")
 
 
@@ -182,7 +200,8 @@ def daemons(request):
     def get(lab) -> DaemonProcess:
         if lab.prefix not in running:
             skins_dir = load_host_config(lab.config_path).skins_dir
-            (skins_dir / "lat100.json").write_text(json.dumps({"name": "lat100", "latency_ms": LATENCY_MS}))
+            for name, fields in SKINS.items():
+                (skins_dir / f"{name}.json").write_text(json.dumps({"name": name, **fields}))
             running[lab.prefix] = DaemonProcess(lab.config_path).start()
         return running[lab.prefix]
 
@@ -214,3 +233,152 @@ def test_latency_skin_adds_its_latency_to_the_guests_rtt(path, daemons):
     assert skinned["loss_percent"] == 0, skinned
     assert abs(rise - LATENCY_MS) <= LATENCY_TOLERANCE_MS, f"{path.name}: RTT rose by {rise:.1f} ms, asked {LATENCY_MS}"
     assert statistics.median(after["rtts_ms"]) < base["rtt_median_ms"] + LATENCY_TOLERANCE_MS
+
+
+# --- per path: rate, loss, a firewall profile, and an exact revert ----------------------------
+
+
+def guest_identity(lab, vm: str = "vm1") -> dict:
+    """What the guest and the host side say of the VM's identity: compared before and after."""
+    out = lab.console(vm).run("cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu").output.split()
+    tap = lab.vm(vm).interface
+    host_mtu = subprocess.run(["ip", "netns", "exec", lab.hv_ns, "cat", f"/sys/class/net/{tap}/mtu"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    return {"mac": out[0], "mtu": int(out[1]), "host_mtu": int(host_mtu)}
+
+
+def netskin_chains(lab) -> list[str]:
+    """netskin's firewall chains in the hv namespace's filter table (a profile's per-VM chains)."""
+    saved = subprocess.run(["ip", "netns", "exec", lab.hv_ns, "iptables-save", "-t", "filter"],
+                           capture_output=True, text=True, check=True).stdout
+    return sorted(line.split()[1] for line in saved.splitlines()
+                  if line.startswith("-A NETSKIN ") and "-j NSKFW-" in line)
+
+
+def peer_connects(path, port: int = guests.ECHO_PORT) -> bool:
+    """Can vm1's peer on this path open a new TCP connection to vm1's port?"""
+    address = path.lab.vm("vm1").address
+    if path.peer == "vm2":
+        done = path.lab.console("vm2").run(f"socat -u /dev/null TCP:{address}:{port},connect-timeout=2",
+                                           timeout=20)
+        return done.exit_code == 0
+    with path.lab.socket("inet", socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect((address, port))
+        except (TimeoutError, OSError):
+            return False
+        return True
+
+
+@pytest.fixture
+def skinned(path, daemons):
+    """Apply skins to vm1 of the path's lab; at the end revert and check the revert was exact."""
+    lab = path.lab
+    daemon = daemons(lab)
+    before = guest_identity(lab)
+
+    def apply(skin: str) -> dict:
+        state = daemon.request("apply", vm="vm1", skin=skin)["vms"]["vm1"]
+        assert state["active"] == skin and state["enforced_generation"] == state["generation"], state
+        return state
+
+    yield apply
+    daemon.request("revert", vm="vm1")
+    state = daemon.status("vm1")["vm1"]
+    assert state["active"] is None, state
+    assert guest_identity(lab) == before  # MAC and MTU of the guest, MTU of the host side
+    assert netskin_chains(lab) == []  # no firewall profile left in force
+    assert peer_connects(path)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_rate_limit_both_ways_within_ten_percent(path, skinned):
+    skinned("rate2000")
+    lab = path.lab
+    up = guest_iperf3(lab, "vm1", path.target, reverse=False, seconds=4) / 1000
+    down = guest_iperf3(lab, "vm1", path.target, reverse=True, seconds=4) / 1000
+    print(f"\n{path.name}: TCP through bandwidth_limit_kbps {RATE_KBPS}: from vm1 {up:.0f} kbit/s, "
+          f"to vm1 {down:.0f} kbit/s")
+    for kbps in (up, down):
+        assert abs(kbps - RATE_KBPS) <= RATE_TOLERANCE * RATE_KBPS, (path.name, up, down)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_loss_inside_its_binomial_interval(path, skinned):
+    skinned("loss20")
+    count = 300
+    result = guest_ping(path.lab, "vm1", path.target, count=count, interval=0.02)
+    delivered = (1 - LOSS_PERCENT / 100) ** 2
+    low, high = binomial_interval(result["sent"], delivered)
+    print(f"\n{path.name}: {result['received']}/{result['sent']} pings answered with {LOSS_PERCENT} % loss "
+          f"each way (99.9 % interval {low}..{high})")
+    assert result["sent"] == count
+    assert low <= result["received"] <= high, result
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_restricted_profile_holds_on_the_guest(path, skinned):
+    assert peer_connects(path)  # the guest's TCP echo answers new connections before the profile
+    skinned("locked")
+    assert not peer_connects(path), f"{path.name}: a new inbound connection passed `restricted`"
+    outbound = guest_ping(path.lab, "vm1", path.target, count=5, interval=0.1)  # out is allowed, replies too
+    assert outbound["loss_percent"] == 0, outbound
+
+
+# --- identity a guest's host cannot set --------------------------------------------------------
+
+
+def test_a_mac_for_a_guest_fails_at_once_with_the_previous_skin_in_force(routed_lab, daemons):
+    """1000 probes/s through the failed apply: every echo still carries the previous skin's delay."""
+    lab, guest = routed_lab, routed_lab.vm("vm1")
+    daemon = daemons(lab)
+    try:
+        daemon.request("apply", vm="vm1", skin="lat100")
+        before = daemon.status("vm1")["vm1"]
+        probe: dict = {}
+        prober = threading.Thread(target=lambda: probe.update(measure.udp_probe(
+            lab, "inet", guest.address, guests.ECHO_PORT, count=3000, rate_pps=1000, warm_up=True)))
+        prober.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        out = netskin(lab.config_path, "apply", "vm1", "lat30-mac")
+        elapsed = time.monotonic() - started
+        prober.join()
+        after = daemon.status("vm1")["vm1"]
+    finally:
+        daemon.request("revert", vm="vm1")
+    print(f"\nrefused in {elapsed:.2f} s: {out.stderr.strip()}\n"
+          f"probe: {probe['received']}/{probe['sent']} echoed, RTT min {probe['rtt_min_ms']:.1f} ms")
+    assert out.returncode == 3, out
+    assert "mac_address" in out.stderr and "optional" in out.stderr
+    # Refused before any swap: the same generation, active and shadow.
+    assert (after["active"], after["shadow"], after["generation"], after["enforced_generation"]) == \
+        (before["active"], before["shadow"], before["generation"], before["enforced_generation"])
+    # No echo ever took the failed skin's 30 ms: every one carried lat100 (TCG drops a few at 1000/s).
+    assert probe["received"] >= probe["sent"] // 2, probe
+    assert probe["rtt_min_ms"] > LATENCY_MS - LATENCY_TOLERANCE_MS, probe
+
+
+def test_a_guests_mtu_is_refused_unless_the_skin_takes_it_for_the_path(routed_lab, daemons):
+    lab, guest = routed_lab, routed_lab.vm("vm1")
+    daemon = daemons(lab)
+    before = guest_identity(lab)
+    out = netskin(lab.config_path, "apply", "vm1", "mtu1400")
+    assert out.returncode == 3, out
+    assert "mtu 1400" in out.stderr and "guest" in out.stderr and 'optional = ["mtu"]' in out.stderr
+    try:
+        state = daemon.request("apply", vm="vm1", skin="mtu1400-path")["vms"]["vm1"]
+        assert state["active"] == "mtu1400-path" and not state.get("verify_problems"), state
+        during = guest_identity(lab)
+        # The path is 1400: 1372 bytes of ICMP payload fit, 1472 with don't-fragment do not.
+        fits = measure.ping(lab, "inet", guest.address, count=3, interval=0.2, size=1372, dont_fragment=True)
+        too_big = measure.ping(lab, "inet", guest.address, count=3, interval=0.2, size=1472, dont_fragment=True)
+        original = state["original"]
+    finally:
+        daemon.request("revert", vm="vm1")
+    assert during == {**before, "host_mtu": 1400}  # the guest's own eth0 untouched, the host side 1400
+    assert original["mtu"] is None and original["host_mtu"] == before["host_mtu"]  # never guessed
+    assert fits["loss_percent"] == 0, fits
+    assert too_big["received"] == 0, too_big
+    assert guest_identity(lab) == before
