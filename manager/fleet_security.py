@@ -7,15 +7,19 @@ etcd's server certificate and one client certificate and password per user, for 
 Production fleets bring their own CA; the plan is the same.
 
 Measured on etcd 3.4.23 (the gateway is what ``manager.store`` speaks):
-- The gateway does not take the user from the client certificate's CN (etcd's gRPC API does):
-  it calls etcd's gRPC server itself, over a connection that presents etcd's own server
-  certificate. With ``--client-cert-auth`` and auth on, it answers every request whose client
+- etcd's gRPC API takes the user from the client certificate's CN (etcdctl with a CN=hv1
+  certificate and no password acts as hv1). Its JSON gateway does not: it calls the gRPC server
+  itself, over a connection that presents etcd's own server certificate, whose CN etcd then
+  ignores ("ignoring common name in gRPC-gateway proxy request" in its log). With
+  ``--client-cert-auth`` and auth on, the gateway answers every request whose client
   certificate has a CN with HTTP 400 ("CommonName of client sending a request against gateway
   will be ignored and not used as expected"). So fleet client certificates carry no CN: the
-  certificate authenticates the connection (only holders of a certificate from the fleet's CA
-  reach etcd at all), and the user comes from user/password (``password_file``).
+  certificate admits the connection (only holders of a certificate from the fleet's CA reach
+  etcd at all), and the user comes from user/password (``password_file``); without a password,
+  the gateway answers "user name is empty".
 - Leases need no permission to grant or keep alive; a put on a lease needs write permission on
-  the key, and a revoke needs write permission on every key attached to the lease.
+  the key, and a revoke succeeds for a host that may write every key on the lease (etcd checks
+  write permission on each attached key).
 """
 
 from __future__ import annotations

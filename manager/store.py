@@ -311,8 +311,9 @@ class Store:
         reply = await self._post("/v3/kv/range", {"key": b64(prefix), "range_end": b64(prefix_end(prefix))})
         return int(reply["header"]["revision"]), [KeyValue.from_wire(kv) for kv in reply.get("kvs", [])]
 
-    async def revision(self) -> int:
-        reply = await self._post("/v3/kv/range", {"key": b64("\0"), "limit": "1", "count_only": True})
+    async def revision(self, key: str = "\0") -> int:
+        """The store's current revision, read through ``key``: with etcd auth on, a key the user may read."""
+        reply = await self._post("/v3/kv/range", {"key": b64(key), "limit": "1", "count_only": True})
         return int(reply["header"]["revision"])
 
     async def put(self, key: str, value: str | bytes | dict | list, lease: int = 0) -> int:
