@@ -187,6 +187,8 @@ def parse_watch_line(line: str) -> WatchBatch | None:
         reason = result.get("cancel_reason") or "no reason given"
         if "PermissionDenied" in reason or "permission denied" in reason:  # not transient: no failover
             raise StoreError(f"etcd refused the watch: permission denied ({reason})", _PERMISSION_DENIED)
+        if "Unauthenticated" in reason:  # the token expired
+            raise StoreError(f"etcd refused the watch: {reason}", _UNAUTHENTICATED)
         raise StoreUnavailable(f"etcd canceled the watch: {reason}")
     events = tuple(Event(ev.get("type", "PUT"), KeyValue.from_wire(ev.get("kv", {})))
                    for ev in result.get("events", []))
@@ -407,10 +409,12 @@ class Store:
         body = watch_request(key, start_revision, prefix, progress_notify)
         timeout = httpx.Timeout(self.timeout_s, connect=CONNECT_TIMEOUT_S, read=idle_timeout_s)
         failures = []
-        for step in range(len(self.endpoints)):
-            index = (self._current + step) % len(self.endpoints)
+        order = [(self._current + step) % len(self.endpoints) for step in range(len(self.endpoints))]
+        reauthenticated = False
+        while order:
+            index = order.pop(0)
             endpoint = self.endpoints[index]
-            opened = False
+            opened = stale_token = False
             try:
                 if self.user and self._token is None:
                     await self._authenticate(endpoint)
@@ -426,19 +430,24 @@ class Store:
                     opened = True
                     self._current = index
                     async for line in response.aiter_lines():
-                        if line.strip():
-                            try:
-                                batch = parse_watch_line(line)
-                            except StoreError as exc:
-                                if exc.code != _PERMISSION_DENIED:
-                                    raise
-                                who = f"etcd user {self.user!r}" if self.user else "a client without an etcd user"
-                                raise StoreError(f"etcd refused watching {key}{'*' if prefix else ''}: permission "
-                                                 f"denied to {who} (its etcd role does not allow it)",
-                                                 exc.code) from None
-                            if batch is not None:
-                                yield batch
-                    raise StoreUnavailable(f"etcd at {endpoint} ended the watch stream")
+                        if not line.strip():
+                            continue
+                        try:
+                            batch = parse_watch_line(line)
+                        except StoreError as exc:
+                            # etcd checks the token when it creates the watch: nothing was missed.
+                            if exc.code == _UNAUTHENTICATED and self.user and not reauthenticated:
+                                stale_token = True
+                                break
+                            if exc.code != _PERMISSION_DENIED:
+                                raise
+                            who = f"etcd user {self.user!r}" if self.user else "a client without an etcd user"
+                            raise StoreError(f"etcd refused watching {key}{'*' if prefix else ''}: permission "
+                                             f"denied to {who} (its etcd role does not allow it)", exc.code) from None
+                        if batch is not None:
+                            yield batch
+                    if not stale_token:
+                        raise StoreUnavailable(f"etcd at {endpoint} ended the watch stream")
             except httpx.ReadTimeout:
                 if not opened:
                     failures.append(f"{endpoint}: no answer within {self.timeout_s:g} s")
@@ -448,6 +457,9 @@ class Store:
                 if opened:  # the caller resyncs; it must not miss what happened meanwhile
                     raise StoreUnavailable(f"the watch on {endpoint} broke: {exc!r}") from None
                 failures.append(f"{endpoint}: {exc!r}")
+            if stale_token:  # the token expired: authenticate again and open the same watch once more
+                reauthenticated, self._token = True, None
+                order.insert(0, index)
         raise StoreUnavailable(f"no etcd endpoint answered /v3/watch: {'; '.join(failures)}")
 
 

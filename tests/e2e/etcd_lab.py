@@ -78,14 +78,16 @@ class Etcd:
     ``peer_ns``: a namespace to join with a veth (etcd at 10.99.0.1, the peer at 10.99.0.2).
     ``tls``: clients must speak TLS and show a certificate from the lab CA (``self.pki``).
     ``auth_hosts``: with TLS, etcd's auth on, with the users and roles of
-    ``manager.fleet_security`` for these hosts (their passwords in ``self.pki``).
+    ``manager.fleet_security`` for these hosts (their passwords in ``self.pki``);
+    ``auth_token_ttl_s``: how long etcd's tokens last (its default: 300 s).
     """
 
     ADDRESS = "10.99.0.1"
     PEER_ADDRESS = "10.99.0.2"
 
     def __init__(self, ns: str, peer_ns: str | None = None, *, compaction_retention: int = 1000,
-                 tls: bool = False, auth_hosts: Iterable[str] | None = None) -> None:
+                 tls: bool = False, auth_hosts: Iterable[str] | None = None,
+                 auth_token_ttl_s: int | None = None) -> None:
         if auth_hosts is not None and not tls:
             raise ValueError("etcd auth in the lab comes with TLS: pass tls=True")
         self.ns = ns
@@ -94,6 +96,7 @@ class Etcd:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"netskin-{ns}-"))
         self.tls = tls
         self.auth_hosts = None if auth_hosts is None else list(auth_hosts)
+        self.auth_token_ttl_s = auth_token_ttl_s
         self.scheme = "https" if tls else "http"
         self.pki: LabPki | None = None
         self.secured = False  # auth is on
@@ -151,6 +154,8 @@ class Etcd:
                                         server_addresses=["127.0.0.1", self.ADDRESS])
             argv += ["--cert-file", str(self.pki.server_cert_file), "--key-file", str(self.pki.server_key_file),
                      "--client-cert-auth", "--trusted-ca-file", str(self.pki.ca_file)]
+        if self.auth_token_ttl_s is not None:
+            argv += ["--auth-token-ttl", str(self.auth_token_ttl_s)]
         log = open(self.workdir / "etcd.log", "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -145,6 +145,24 @@ def test_securing_again_adds_a_host_and_keeps_sessions_working(etcd):
     trio_in_netns(etcd.ns, main)
 
 
+def test_an_expired_token_is_renewed_for_requests_and_watches():
+    skip_without_etcd()
+    with Etcd(f"nsksc{secrets.token_hex(3)}", tls=True, auth_hosts=HOSTS, auth_token_ttl_s=1) as etcd:
+        async def main():
+            async with etcd.store("hv1") as hv1:
+                first = await hv1.put(fleet.status_key("hv1", "vm1"), "1")
+                token = hv1._token
+                await trio.sleep(2.5)
+                second = await hv1.put(fleet.status_key("hv1", "vm1"), "2")
+                assert hv1._token != token
+                await trio.sleep(2.5)  # expired again: the watch is refused once, then opened afresh
+                with trio.fail_after(10):
+                    async for batch in hv1.watch(fleet.host_prefix("hv1"), first, idle_timeout_s=5):
+                        assert [e.kv.mod_revision for e in batch.events] == [first, second]
+                        break
+        trio_in_netns(etcd.ns, main)
+
+
 # --- an agent with hv1's credentials -------------------------------------------------------------
 
 

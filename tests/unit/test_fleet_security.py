@@ -140,6 +140,14 @@ def test_a_refused_watch_is_a_refusal_not_an_outage():
     assert not isinstance(raised.value, store.StoreUnavailable) and raised.value.code == 7
 
 
+def test_a_watch_refused_for_an_expired_token_says_so():
+    line = json.dumps({"result": {"canceled": True, "cancel_reason":
+                                  "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"}})
+    with pytest.raises(store.StoreError) as raised:
+        store.parse_watch_line(line)
+    assert raised.value.code == 16
+
+
 def test_refusals_name_the_keys():
     put = store.put_op(fleet.status_key("hv2", "vm1"), "x")["request_put"]
     assert store._what("/v3/kv/put", put) == "writing /netskin/hosts/hv2/status/vm1"
