@@ -32,6 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from manager import fleet
 from manager.store import Store, prefix_end
 
@@ -104,7 +109,7 @@ async def secure_etcd(admin: Store, hosts: Iterable[str], passwords: Mapping[str
     ``passwords``: user → password for ``root``, ``manager`` and every host. ``admin`` is a
     store without credentials while etcd's auth is off, or with root's once it is on: running
     this again (to add a host) adds what is missing and re-grants every role's permissions. A
-    user that exists keeps its password.
+    user that exists keeps its password; a host left out is not removed (etcdctl user/role delete).
     """
     roles = auth_plan(hosts)
     users = [ROOT_USER] + [role.name for role in roles]
@@ -160,11 +165,6 @@ def make_lab_pki(directory: Path, hosts: Iterable[str], *, server_addresses: Ite
     ``*-key.pem`` beside each, and ``<user>.password``; keys and passwords are mode 0600.
     The server certificate also allows client use: etcd 3.4's gateway presents it to etcd itself.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     hosts = [role.name for role in auth_plan(hosts)[1:]]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
