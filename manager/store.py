@@ -25,6 +25,8 @@ WATCH_IDLE_TIMEOUT_S = 30.0
 # gRPC status codes the gateway passes on (google.golang.org/grpc/codes).
 _UNAUTHENTICATED = 16
 _UNAVAILABLE = 14
+_FAILED_PRECONDITION = 9
+_PERMISSION_DENIED = 7
 
 
 class StoreError(Exception):
@@ -182,7 +184,12 @@ def parse_watch_line(line: str) -> WatchBatch | None:
     if int(result.get("compact_revision", 0)):
         raise Compacted(int(result["compact_revision"]))
     if result.get("canceled"):
-        raise StoreUnavailable(f"etcd canceled the watch: {result.get('cancel_reason') or 'no reason given'}")
+        reason = result.get("cancel_reason") or "no reason given"
+        if "PermissionDenied" in reason or "permission denied" in reason:  # not transient: no failover
+            raise StoreError(f"etcd refused the watch: permission denied ({reason})", _PERMISSION_DENIED)
+        if "Unauthenticated" in reason:  # the token expired
+            raise StoreError(f"etcd refused the watch: {reason}", _UNAUTHENTICATED)
+        raise StoreUnavailable(f"etcd canceled the watch: {reason}")
     events = tuple(Event(ev.get("type", "PUT"), KeyValue.from_wire(ev.get("kv", {})))
                    for ev in result.get("events", []))
     if result.get("created") and not events:
@@ -194,6 +201,9 @@ def _error_of(response: httpx.Response) -> StoreError:
     try:
         body = response.json()
     except ValueError:
+        if "CommonName" in response.text:
+            return StoreError("etcd refuses a client certificate with a Common Name on its JSON gateway when auth is "
+                              "on: use a certificate without CN, and user/password_file for the etcd user")
         return StoreError(f"etcd answered HTTP {response.status_code}: {response.text[:200]}")
     message = body.get("message") or body.get("error") or response.text[:200]
     code = body.get("code")
@@ -273,7 +283,7 @@ class Store:
                 if self.user and self._token is None:
                     await self._authenticate(endpoint)
                 response = await self._client.post(f"{endpoint}{path}", json=body, headers=self._headers())
-                if response.status_code != 200 and self.user and _code(response) == _UNAUTHENTICATED:
+                if response.status_code != 200 and self.user and _token_stale(response):
                     await self._authenticate(endpoint)  # the token expired: one fresh try
                     response = await self._client.post(f"{endpoint}{path}", json=body, headers=self._headers())
             except httpx.TransportError as exc:
@@ -284,6 +294,10 @@ class Store:
                 if isinstance(error, StoreUnavailable):
                     failures.append(f"{endpoint}: {error}")
                     continue
+                if error.code == _PERMISSION_DENIED:
+                    who = f"etcd user {self.user!r}" if self.user else "a client without an etcd user"
+                    raise StoreError(f"etcd refused {_what(path, body)}: permission denied to {who} "
+                                     f"(its etcd role does not allow it)", error.code)
                 raise error
             self._current = index
             return response.json()
@@ -299,8 +313,9 @@ class Store:
         reply = await self._post("/v3/kv/range", {"key": b64(prefix), "range_end": b64(prefix_end(prefix))})
         return int(reply["header"]["revision"]), [KeyValue.from_wire(kv) for kv in reply.get("kvs", [])]
 
-    async def revision(self) -> int:
-        reply = await self._post("/v3/kv/range", {"key": b64("\0"), "limit": "1", "count_only": True})
+    async def revision(self, key: str = "\0") -> int:
+        """The store's current revision, read through ``key``: with etcd auth on, a key the user may read."""
+        reply = await self._post("/v3/kv/range", {"key": b64(key), "limit": "1", "count_only": True})
         return int(reply["header"]["revision"])
 
     async def put(self, key: str, value: str | bytes | dict | list, lease: int = 0) -> int:
@@ -348,6 +363,38 @@ class Store:
     async def revoke(self, lease_id: int) -> None:
         await self._post("/v3/lease/revoke", {"ID": str(lease_id)})
 
+    # -- authentication admin (root's, once auth is on) -----------------------------------------
+
+    async def add_user(self, name: str, password: str) -> bool:
+        """Create an etcd user; False if it exists already (its password is left alone)."""
+        return await self._add("/v3/auth/user/add", {"name": name, "password": password})
+
+    async def add_role(self, name: str) -> bool:
+        """Create an etcd role; False if it exists already."""
+        return await self._add("/v3/auth/role/add", {"name": name})
+
+    async def grant_permission(self, role: str, perm_type: str, key: str, range_end: bytes = b"") -> None:
+        """Let ``role`` READ, WRITE or READWRITE ``key`` (or [key, range_end) when range_end is given)."""
+        perm = {"permType": perm_type, "key": b64(key)}
+        if range_end:
+            perm["range_end"] = b64(range_end)
+        await self._post("/v3/auth/role/grant", {"name": role, "perm": perm})
+
+    async def grant_role(self, user: str, role: str) -> None:
+        await self._post("/v3/auth/user/grant", {"user": user, "role": role})
+
+    async def enable_auth(self) -> None:
+        await self._post("/v3/auth/enable", {})
+
+    async def _add(self, path: str, body: dict) -> bool:
+        try:
+            await self._post(path, body)
+        except StoreError as exc:
+            if exc.code == _FAILED_PRECONDITION and "already exists" in str(exc):
+                return False
+            raise
+        return True
+
     # -- watch --------------------------------------------------------------------------------
 
     async def watch(self, key: str, start_revision: int, *, prefix: bool = True, progress_notify: bool = True,
@@ -362,10 +409,12 @@ class Store:
         body = watch_request(key, start_revision, prefix, progress_notify)
         timeout = httpx.Timeout(self.timeout_s, connect=CONNECT_TIMEOUT_S, read=idle_timeout_s)
         failures = []
-        for step in range(len(self.endpoints)):
-            index = (self._current + step) % len(self.endpoints)
+        order = [(self._current + step) % len(self.endpoints) for step in range(len(self.endpoints))]
+        reauthenticated = False
+        while order:
+            index = order.pop(0)
             endpoint = self.endpoints[index]
-            opened = False
+            opened = stale_token = False
             try:
                 if self.user and self._token is None:
                     await self._authenticate(endpoint)
@@ -381,11 +430,24 @@ class Store:
                     opened = True
                     self._current = index
                     async for line in response.aiter_lines():
-                        if line.strip():
+                        if not line.strip():
+                            continue
+                        try:
                             batch = parse_watch_line(line)
-                            if batch is not None:
-                                yield batch
-                    raise StoreUnavailable(f"etcd at {endpoint} ended the watch stream")
+                        except StoreError as exc:
+                            # etcd checks the token when it creates the watch: nothing was missed.
+                            if exc.code == _UNAUTHENTICATED and self.user and not reauthenticated:
+                                stale_token = True
+                                break
+                            if exc.code != _PERMISSION_DENIED:
+                                raise
+                            who = f"etcd user {self.user!r}" if self.user else "a client without an etcd user"
+                            raise StoreError(f"etcd refused watching {key}{'*' if prefix else ''}: permission "
+                                             f"denied to {who} (its etcd role does not allow it)", exc.code) from None
+                        if batch is not None:
+                            yield batch
+                    if not stale_token:
+                        raise StoreUnavailable(f"etcd at {endpoint} ended the watch stream")
             except httpx.ReadTimeout:
                 if not opened:
                     failures.append(f"{endpoint}: no answer within {self.timeout_s:g} s")
@@ -395,11 +457,32 @@ class Store:
                 if opened:  # the caller resyncs; it must not miss what happened meanwhile
                     raise StoreUnavailable(f"the watch on {endpoint} broke: {exc!r}") from None
                 failures.append(f"{endpoint}: {exc!r}")
+            if stale_token:  # the token expired: authenticate again and open the same watch once more
+                reauthenticated, self._token = True, None
+                order.insert(0, index)
         raise StoreUnavailable(f"no etcd endpoint answered /v3/watch: {'; '.join(failures)}")
 
 
-def _code(response: httpx.Response) -> int | None:
+def _token_stale(response: httpx.Response) -> bool:
+    """The token expired, or etcd's users/roles changed since it was issued: authenticate again."""
     try:
-        return response.json().get("code")
+        body = response.json()
     except ValueError:
-        return None
+        return False
+    return body.get("code") == _UNAUTHENTICATED or "auth store is old" in str(body.get("message", ""))
+
+
+def _what(path: str, body: dict) -> str:
+    """The request in words, for an error message: ``writing /netskin/hosts/hv2/status/vm1``."""
+    def keys(request: dict) -> str:
+        key = unb64(request.get("key")).decode(errors="replace")
+        key = key if key.isprintable() else repr(key)
+        return f"{key}*" if request.get("range_end") else key
+
+    verbs = {"/v3/kv/put": "writing", "/v3/kv/range": "reading", "/v3/kv/deleterange": "deleting"}
+    if path in verbs:
+        return f"{verbs[path]} {keys(body)}"
+    if path == "/v3/kv/txn":
+        touched = [keys(next(iter(op.values()))) for op in [*body.get("success", []), *body.get("failure", [])]]
+        return f"a transaction on {', '.join(dict.fromkeys(touched)) or 'no keys'}"
+    return path

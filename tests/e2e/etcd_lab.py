@@ -16,9 +16,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import trio
+
+from manager.fleet_security import LabPki, make_lab_pki, secure_etcd, store_for
+from manager.store import Store
 
 CLONE_NEWNET = 0x40000000
 CLIENT_PORT = 23790
@@ -73,19 +76,30 @@ class Etcd:
     """One etcd member in namespace ``ns`` (created here), with auto-compaction on.
 
     ``peer_ns``: a namespace to join with a veth (etcd at 10.99.0.1, the peer at 10.99.0.2).
+    ``tls``: clients must speak TLS and show a certificate from the lab CA (``self.pki``).
+    ``auth_hosts``: with TLS, etcd's auth on, with the users and roles of
+    ``manager.fleet_security`` for these hosts (their passwords in ``self.pki``);
+    ``auth_token_ttl_s``: how long etcd's tokens last (its default: 300 s).
     """
 
     ADDRESS = "10.99.0.1"
     PEER_ADDRESS = "10.99.0.2"
 
     def __init__(self, ns: str, peer_ns: str | None = None, *, compaction_retention: int = 1000,
-                 tls: bool = False) -> None:
+                 tls: bool = False, auth_hosts: Iterable[str] | None = None,
+                 auth_token_ttl_s: int | None = None) -> None:
+        if auth_hosts is not None and not tls:
+            raise ValueError("etcd auth in the lab comes with TLS: pass tls=True")
         self.ns = ns
         self.peer_ns = peer_ns
         self.retention = compaction_retention
         self.workdir = Path(tempfile.mkdtemp(prefix=f"netskin-{ns}-"))
         self.tls = tls
+        self.auth_hosts = None if auth_hosts is None else list(auth_hosts)
+        self.auth_token_ttl_s = auth_token_ttl_s
         self.scheme = "https" if tls else "http"
+        self.pki: LabPki | None = None
+        self.secured = False  # auth is on
         self.proc: subprocess.Popen | None = None
         self._veth = f"{ns[:10]}e"
 
@@ -135,9 +149,13 @@ class Etcd:
             "--experimental-watch-progress-notify-interval", "5s",
         ]
         if self.tls:
-            self.make_certificates()
-            argv += ["--cert-file", str(self.pki / "server.pem"), "--key-file", str(self.pki / "server-key.pem"),
-                     "--client-cert-auth", "--trusted-ca-file", str(self.pki / "ca.pem")]
+            if self.pki is None:
+                self.pki = make_lab_pki(self.workdir / "pki", self.auth_hosts or (),
+                                        server_addresses=["127.0.0.1", self.ADDRESS])
+            argv += ["--cert-file", str(self.pki.server_cert_file), "--key-file", str(self.pki.server_key_file),
+                     "--client-cert-auth", "--trusted-ca-file", str(self.pki.ca_file)]
+        if self.auth_token_ttl_s is not None:
+            argv += ["--auth-token-ttl", str(self.auth_token_ttl_s)]
         log = open(self.workdir / "etcd.log", "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -145,35 +163,33 @@ class Etcd:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{self.log()}")
             if self.ctl("endpoint", "health", check=False).returncode == 0:
+                if self.auth_hosts is not None and not self.secured:
+                    trio_in_netns(self.ns, self._secure)
+                    self.secured = True
                 return
             time.sleep(0.1)
         raise TimeoutError(f"etcd did not become healthy within {timeout} s:\n{self.log()}")
 
-    @property
-    def pki(self) -> Path:
-        return self.workdir / "pki"
+    async def _secure(self) -> None:
+        assert self.pki is not None and self.auth_hosts is not None
+        async with store_for([self.local_endpoint], self.pki, None) as admin:
+            await secure_etcd(admin, self.auth_hosts, self.pki.passwords())
 
-    def make_certificates(self) -> None:
-        """A CA, etcd's server certificate (127.0.0.1 and the veth address) and a client certificate."""
-        self.pki.mkdir(exist_ok=True)
-
-        def openssl(*argv: str) -> None:
-            _run("openssl", *argv)
-
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=netskin-test-ca",
-                "-keyout", str(self.pki / "ca-key.pem"), "-out", str(self.pki / "ca.pem"))
-        for name, extension in (("server", f"subjectAltName=IP:127.0.0.1,IP:{self.ADDRESS}\nextendedKeyUsage=serverAuth,clientAuth"),
-                                ("client", "extendedKeyUsage=clientAuth")):
-            (self.pki / f"{name}.ext").write_text(extension + "\n")
-            openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                    "-keyout", str(self.pki / f"{name}-key.pem"), "-out", str(self.pki / f"{name}.csr"))
-            openssl("x509", "-req", "-in", str(self.pki / f"{name}.csr"), "-CA", str(self.pki / "ca.pem"),
-                    "-CAkey", str(self.pki / "ca-key.pem"), "-CAcreateserial", "-days", "1",
-                    "-extfile", str(self.pki / f"{name}.ext"), "-out", str(self.pki / f"{name}.pem"))
+    def store(self, user: str | None = None, endpoint: str | None = None) -> Store:
+        """A client with ``user``'s certificate and password (``None``: root's certificate alone)."""
+        endpoint = endpoint or self.local_endpoint
+        if not self.tls:
+            return Store([endpoint])
+        assert self.pki is not None
+        return store_for([endpoint], self.pki, user)
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        tls = ["--cacert", str(self.pki / "ca.pem"), "--cert", str(self.pki / "client.pem"),
-               "--key", str(self.pki / "client-key.pem")] if self.tls else []
+        tls = []
+        if self.pki is not None:  # as root: its certificate, and its password once auth is on
+            root = self.pki.users["root"]
+            tls = ["--cacert", str(self.pki.ca_file), "--cert", str(root.cert_file), "--key", str(root.key_file)]
+            if self.secured:
+                tls.append(f"--user=root:{root.password}")
         done = subprocess.run(["ip", "netns", "exec", self.ns, "etcdctl", "--endpoints", self.local_endpoint,
                                *tls, *args], capture_output=True, text=True, timeout=30,
                               env={**os.environ, "ETCDCTL_API": "3"})

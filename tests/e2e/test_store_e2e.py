@@ -145,12 +145,11 @@ def test_tls_with_client_certificates():
         pki = etcd.pki
 
         async def main():
-            async with store.Store([etcd.local_endpoint], ca_file=pki / "ca.pem", cert_file=pki / "client.pem",
-                                   key_file=pki / "client-key.pem") as client:
+            async with etcd.store() as client:
                 rev = await client.put("/t/tls", "1")
                 assert (await client.get("/t/tls")).mod_revision == rev
             # Without a client certificate etcd refuses the handshake: no endpoint answers.
-            async with store.Store([etcd.local_endpoint], ca_file=pki / "ca.pem") as anonymous:
+            async with store.Store([etcd.local_endpoint], ca_file=pki.ca_file) as anonymous:
                 with pytest.raises(store.StoreUnavailable):
                     await anonymous.get("/t/tls")
         trio_in_netns(etcd.ns, main)
