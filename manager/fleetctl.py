@@ -18,10 +18,12 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import trio
 
+from interceptor.library import Entry, LibraryError, preset_entries
 from interceptor.schema import SkinError, UserError, validate_skin
 from manager import fleet
 from manager.fleet import Alive, Conditions, Desired, Inventory, SkinDocument, Status
@@ -552,15 +554,17 @@ async def carry_out(store: Store, change: Change, wait_s: float) -> Outcome:
     return outcome
 
 
-async def find_skin(store: Store, name: str, presets: dict[str, dict] | None = None) -> tuple[SkinDocument, int | None]:
-    """The skin ``name`` from the store's library (with its revision), else from the presets."""
-    kv = await store.get(fleet.skin_key(name))
-    if kv is not None:
-        return SkinDocument.decode(kv.value), kv.mod_revision
-    if presets and name in presets:
-        return SkinDocument(name=name, document=presets[name]), None
-    known = sorted(set(presets or ()) | {doc.name for doc, _ in await library(store)})
-    raise FleetError(f"unknown skin {name!r}{_hint(name, known)}; `netskin skins list` shows the fleet's skins")
+def _store_entry(doc: SkinDocument) -> Entry:
+    try:
+        skin = validate_skin(doc.document, default_name=doc.name)
+    except SkinError as error:
+        return Entry(doc.name, Path(fleet.skin_key(doc.name)), "store", errors=tuple(error.lines), document=doc.document)
+    return Entry(doc.name, Path(fleet.skin_key(doc.name)), "store", skin=skin, document=doc.document)
+
+
+def document_of(document: dict, name: str) -> dict:
+    """The document as stored: as written, with its name added when only a file stem gave it."""
+    return document if ("name" in document or "skin_name" in document) else {"name": name, **document}
 
 
 async def library(store: Store) -> list[tuple[SkinDocument, int]]:
@@ -572,6 +576,77 @@ async def library(store: Store) -> list[tuple[SkinDocument, int]]:
         except ValueError:
             continue
     return found
+
+
+async def entries(store: Store) -> list[Entry]:
+    """The fleet's library: the store's skins, and the presets they do not override."""
+    stored = {doc.name: _store_entry(doc) for doc, _ in await library(store)}
+    presets = {entry.name: entry for entry in preset_entries() if entry.name not in stored}
+    return sorted([*stored.values(), *presets.values()], key=lambda entry: entry.name)
+
+
+async def entry(store: Store, name: str) -> Entry:
+    found = {e.name: e for e in await entries(store)}
+    if name not in found:
+        raise LibraryError(f"unknown skin {name!r}{_hint(name, found)}; `netskin skins list` shows the fleet's skins")
+    return found[name]
+
+
+async def find_skin(store: Store, name: str) -> tuple[SkinDocument, int | None]:
+    """The valid skin ``name`` to copy into desired keys, with the store revision it was read at
+    (None for a preset)."""
+    kv = await store.get(fleet.skin_key(name))
+    if kv is not None:
+        doc = SkinDocument.decode(kv.value)
+        found = _store_entry(doc)
+        if found.skin is None:
+            raise SkinError(list(found.errors))
+        return doc, kv.mod_revision
+    preset = await entry(store, name)
+    if preset.skin is None:
+        raise SkinError(list(preset.errors))
+    return SkinDocument(name=name, document=preset.document or {}), None
+
+
+async def create_skin(store: Store, document: dict, default_name: str | None = None) -> Entry:
+    """A new skin in the store; its name must be free (a preset's name needs ``update``)."""
+    skin = validate_skin(document, default_name=default_name)
+    taken = {e.name: e for e in await entries(store)}
+    if skin.name in taken:
+        kind = "a preset" if taken[skin.name].origin == "preset" else "in the store"
+        raise LibraryError(f"skin {skin.name!r} already exists ({kind}); use `netskin skins update {skin.name} FILE` "
+                           f"to replace it")
+    doc = SkinDocument(name=skin.name, document=document_of(document, skin.name))
+    key = fleet.skin_key(skin.name)
+    if not (await store.txn([compare(key, "create", "==", 0)], [put_op(key, doc.encode())])).succeeded:
+        raise LibraryError(f"skin {skin.name!r} was created meanwhile; use `netskin skins update {skin.name} FILE`")
+    return _store_entry(doc)
+
+
+async def update_skin(store: Store, name: str, document: dict) -> Entry:
+    """Replace skin ``name`` (a preset gets a store copy that overrides it). VMs already wearing it
+    keep their copy until the next apply."""
+    await entry(store, name)
+    skin = validate_skin(document, default_name=name)
+    if skin.name != name:
+        raise LibraryError(f"the document names skin {skin.name!r}, not {name!r}; change its name field or "
+                           f"use `netskin skins create`")
+    doc = SkinDocument(name=name, document=document_of(document, name))
+    await store.put(fleet.skin_key(name), doc.encode())
+    return _store_entry(doc)
+
+
+async def delete_skin(store: Store, name: str) -> dict:
+    found = await entry(store, name)
+    if found.origin == "preset":
+        raise LibraryError(f"skin {name!r} is a preset and cannot be deleted; presets ship with netskin")
+    worn = wearers(await read_view(store), name)
+    if worn:
+        raise LibraryError(f"skin {name!r} is desired for VM {worn[0]}; apply another skin to it or "
+                           f"`netskin revert {worn[0]}` first")
+    await store.delete(fleet.skin_key(name))
+    uncovered = any(e.name == name for e in preset_entries())
+    return {"deleted": name, "path": fleet.skin_key(name), "preset_visible": uncovered}
 
 
 def wearers(view: FleetView, name: str) -> list[Target]:
