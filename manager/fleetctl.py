@@ -23,7 +23,7 @@ from typing import Any, Iterable, Literal
 
 import trio
 
-from interceptor.library import Entry, LibraryError, preset_entries
+from interceptor.library import Entry, preset_entries
 from interceptor.schema import SkinError, UserError, validate_skin
 from manager import fleet
 from manager.fleet import Alive, Conditions, Desired, Inventory, SkinDocument, Status
@@ -36,6 +36,14 @@ WAIT_S = 10.0
 
 class FleetError(UserError):
     """A fleet request that cannot be done as asked (unknown VM or skin, ambiguous name): exit 1."""
+
+
+class NotFound(FleetError):
+    """An unknown VM, host or skin (the API's 404)."""
+
+
+class Refused(FleetError):
+    """Known names, refused for their state: a skin that exists or is worn, a VM without a shadow (409)."""
 
 
 class Conflict(FleetError):
@@ -141,7 +149,7 @@ def resolve(view: FleetView, names: Iterable[str]) -> list[Target]:
         if target not in targets:
             targets.append(target)
     if problems:
-        raise FleetError(problems)
+        raise (NotFound if all(p.startswith(("unknown", "host")) for p in problems) else FleetError)(problems)
     if len(targets) > MAX_TARGETS:
         raise FleetError(f"{len(targets)} VMs in one call; one transaction takes at most {MAX_TARGETS}: "
                          f"split them into several calls")
@@ -152,16 +160,16 @@ def _resolve_one(view: FleetView, name: str) -> Target:
     if "/" in name:
         host, _, vm = name.partition("/")
         if host not in view.hosts:
-            raise FleetError(f"unknown host {host!r} in {name!r}{_hint(host, view.hosts)}; "
+            raise NotFound(f"unknown host {host!r} in {name!r}{_hint(host, view.hosts)}; "
                              f"`netskin status` lists the fleet's hosts")
         if vm not in view.hosts[host].vms():
-            raise FleetError(f"host {host!r} has no VM {vm!r}{_hint(vm, view.hosts[host].vms())}; "
+            raise NotFound(f"host {host!r} has no VM {vm!r}{_hint(vm, view.hosts[host].vms())}; "
                              f"its VMs: {', '.join(view.hosts[host].vms()) or 'none published yet'}")
         return Target(host, vm)
     hosts = [host for host, hv in view.hosts.items() if name in hv.vms()]
     if not hosts:
         every = sorted({vm for hv in view.hosts.values() for vm in hv.vms()})
-        raise FleetError(f"unknown VM {name!r}{_hint(name, every)}; `netskin status` lists the fleet's VMs")
+        raise NotFound(f"unknown VM {name!r}{_hint(name, every)}; `netskin status` lists the fleet's VMs")
     if len(hosts) > 1:
         raise FleetError(f"VM {name!r} is on hosts {', '.join(hosts)}; name it as HOST/VM "
                          f"({', '.join(f'{h}/{name}' for h in hosts)})")
@@ -251,7 +259,7 @@ def plan_rollback(view: FleetView, targets: list[Target], *, op: str | None = No
         after = Desired(skin=before.shadow, shadow=before.skin, generation=before.generation + 1, op=op)
         steps.append(Step(target, revision, before, after))
     if problems:
-        raise FleetError(problems)
+        raise Refused(problems)
     return Change(op, "rollback", tuple(steps))
 
 
@@ -266,7 +274,7 @@ def plan_revert(view: FleetView, targets: list[Target], *, op: str | None = None
             continue
         steps.append(Step(target, revision, before if isinstance(before, Desired) else None, None))
     if problems:
-        raise FleetError(problems)
+        raise Refused(problems)
     return Change(op, "revert", tuple(steps))
 
 
@@ -588,7 +596,7 @@ async def entries(store: Store) -> list[Entry]:
 async def entry(store: Store, name: str) -> Entry:
     found = {e.name: e for e in await entries(store)}
     if name not in found:
-        raise LibraryError(f"unknown skin {name!r}{_hint(name, found)}; `netskin skins list` shows the fleet's skins")
+        raise NotFound(f"unknown skin {name!r}{_hint(name, found)}; `netskin skins list` shows the fleet's skins")
     return found[name]
 
 
@@ -614,12 +622,12 @@ async def create_skin(store: Store, document: dict, default_name: str | None = N
     taken = {e.name: e for e in await entries(store)}
     if skin.name in taken:
         kind = "a preset" if taken[skin.name].origin == "preset" else "in the store"
-        raise LibraryError(f"skin {skin.name!r} already exists ({kind}); use `netskin skins update {skin.name} FILE` "
+        raise Refused(f"skin {skin.name!r} already exists ({kind}); use `netskin skins update {skin.name} FILE` "
                            f"to replace it")
     doc = SkinDocument(name=skin.name, document=document_of(document, skin.name))
     key = fleet.skin_key(skin.name)
     if not (await store.txn([compare(key, "create", "==", 0)], [put_op(key, doc.encode())])).succeeded:
-        raise LibraryError(f"skin {skin.name!r} was created meanwhile; use `netskin skins update {skin.name} FILE`")
+        raise Refused(f"skin {skin.name!r} was created meanwhile; use `netskin skins update {skin.name} FILE`")
     return _store_entry(doc)
 
 
@@ -629,7 +637,7 @@ async def update_skin(store: Store, name: str, document: dict) -> Entry:
     await entry(store, name)
     skin = validate_skin(document, default_name=name)
     if skin.name != name:
-        raise LibraryError(f"the document names skin {skin.name!r}, not {name!r}; change its name field or "
+        raise FleetError(f"the document names skin {skin.name!r}, not {name!r}; change its name field or "
                            f"use `netskin skins create`")
     doc = SkinDocument(name=name, document=document_of(document, name))
     await store.put(fleet.skin_key(name), doc.encode())
@@ -639,10 +647,10 @@ async def update_skin(store: Store, name: str, document: dict) -> Entry:
 async def delete_skin(store: Store, name: str) -> dict:
     found = await entry(store, name)
     if found.origin == "preset":
-        raise LibraryError(f"skin {name!r} is a preset and cannot be deleted; presets ship with netskin")
+        raise Refused(f"skin {name!r} is a preset and cannot be deleted; presets ship with netskin")
     worn = wearers(await read_view(store), name)
     if worn:
-        raise LibraryError(f"skin {name!r} is desired for VM {worn[0]}; apply another skin to it or "
+        raise Refused(f"skin {name!r} is desired for VM {worn[0]}; apply another skin to it or "
                            f"`netskin revert {worn[0]}` first")
     await store.delete(fleet.skin_key(name))
     uncovered = any(e.name == name for e in preset_entries())

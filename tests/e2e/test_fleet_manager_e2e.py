@@ -12,10 +12,10 @@ times out on the stale host and restores every target, the REST API on the fleet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -99,6 +99,37 @@ class Fleet:
 
     def active(self, host: str, vm: str) -> str | None:
         return self.daemons[host].status(vm)[vm]["active"]
+
+    @contextlib.contextmanager
+    def serve(self):
+        """`netskin serve` with the manager's configuration in etcd's namespace; yields a request function."""
+        port = 8640
+        log = open(self.manager.with_name("serve.log"), "ab")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.etcd.ns, sys.executable, "-m", "manager.cli", "serve",
+                                 "--port", str(port), "--config", str(self.manager)], stdout=log,
+                                stderr=subprocess.STDOUT)
+
+        def request(method: str, path: str, **kwargs) -> httpx.Response:
+            return in_netns(self.etcd.ns, lambda: httpx.request(method, f"http://127.0.0.1:{port}{path}",
+                                                                timeout=60, **kwargs))
+
+        def up() -> bool:
+            try:
+                return request("GET", "/openapi.json").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            wait_for("netskin serve answering", up)
+            yield request
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
 
     def logs(self) -> str:
         return "\n".join(f"--- agent {name}:\n{agent.log()}" for name, agent in self.agents.items())
@@ -221,6 +252,24 @@ def test_fleet_manager(two_hosts, tmp_path):
     assert f.desired("hv1", "vm2") is None and f.desired("hv2", "b2") is None
     wait_for("vm2 reverted by its agent after the restore", lambda: f.active("hv1", "vm2") is None, logs=[f.logs])
     assert f.active("hv2", "b2") is None and f.active("hv2", "b1") == "fleet-steady"
+
+    # The REST API on the fleet: hosts alive or stale, the seed endpoints on VMs of any host.
+    with f.serve() as get_or_post:
+        hosts = get_or_post("GET", "/hosts")
+        assert hosts.status_code == 200
+        assert {h["host"]: h["state"] for h in hosts.json()["hosts"]} == {"hv1": "alive", "hv2": "stale"}
+        answer = get_or_post("POST", "/vms/vm1/skins/fleet-steady")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["verified"] is True and f.active("hv1", "vm1") == "fleet-steady"
+        row = get_or_post("GET", "/vms/vm1").json()
+        assert (row["host"], row["active"], row["shadow"], row["enforced"]) == ("hv1", "fleet-steady", "fleet-slow", True)
+        assert get_or_post("GET", "/vms/vm1/persona").json()["id"] == "fleet-steady"
+        stuck = get_or_post("POST", "/vms/b1/revert?wait=2")
+        assert stuck.status_code == 422 and stuck.json()["outcome"]["restored"] == ["hv2/b1"], stuck.text
+        assert fleet.Desired.decode(f.desired("hv2", "b1").value).skin.name == "fleet-steady"
+        assert get_or_post("POST", "/vms/vm9/skins/fleet-slow").status_code == 404
+        persona = get_or_post("POST", "/personas/create", json={"simulated_latency_ms": 50})
+        assert persona.status_code == 201 and f.call("get", fleet.skin_key(persona.json()["id"])) is not None
 
     # Revert on the fleet: the desired key goes, the agent restores the VM.
     f.netskin("revert", "vm1")
