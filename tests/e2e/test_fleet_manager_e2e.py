@@ -197,6 +197,17 @@ def test_fleet_manager(two_hosts, tmp_path):
     assert rtt_ms(f.labs["hv1"]) > base["hv1"] + 150 and rtt_ms(f.labs["hv2"]) > base["hv2"] + 150
     print(f"\nswap spread without --at: {applied['spread_ms']} ms")
 
+    # status of chosen VMs; top across hosts from the conditions the agents publish.
+    chosen = f.netskin_json("status", "vm1,hv2/b1")
+    assert [(r["host"], r["vm"], r["active"], r["applied"], r["enforced"]) for r in chosen["vms"]] == [
+        ("hv1", "vm1", "fleet-slow", True, True), ("hv2", "b1", "fleet-slow", True, True)]
+    wait_for("conditions of both hosts' VMs published",
+             lambda: {(r["host"], r["vm"], r["skin"]) for r in json.loads(f.netskin(
+                 "top", "--json", "--iterations", "1").stdout)["rows"]} >= {("hv1", "vm1", "fleet-slow"),
+                                                                             ("hv2", "b1", "fleet-slow")})
+    lines = f.netskin("top", "--json", "--iterations", "2", "--interval", "1.5").stdout.splitlines()
+    assert len(lines) == 2 and all(row["direction"] in ("uplink", "downlink") for row in json.loads(lines[1])["rows"])
+
     # --at: both hosts swap at the same wall-clock instant, none before it.
     scheduled = f.netskin_json("apply", "vm1,b1", "fleet-steady", "--at", "+3s")
     assert scheduled["verified"] is True
