@@ -18,7 +18,9 @@ from typing import Any, Awaitable, Callable, NoReturn, TypeVar
 import trio
 import typer
 from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from interceptor.schema import HostConfig, read_skin_file
 from manager import fleetctl
@@ -174,15 +176,18 @@ def status(config: HostConfig, names: str | None, as_json: bool) -> None:
         table.add_row(row["host"], row["state"] if row["state"] == "alive" else "[red]stale[/]",
                       "-" if row["in_sync"] is None else ("yes" if row["in_sync"] else "no"), beat, str(len(row["vms"])))
     console.print(table)
-    table = Table(box=box.SIMPLE_HEAD, title="VMs")
+    table = Table(box=box.SIMPLE_HEAD, title="VMs", pad_edge=False)
     for heading in ("host/vm", "active", "shadow", "desired", "gen", "applied", "enforced"):
         table.add_column(heading, justify="right" if heading == "gen" else "left")
     for row in vms:
-        table.add_row(f"{row['host']}/{row['vm']}" + (" (stale)" if row["host_state"] == "stale" else ""),
-                      row["active"] or "-", row["shadow"] or "-", row["desired"] or "-",
+        table.add_row(f"{row['host']}/{row['vm']}", row["active"] or "-", row["shadow"] or "-", row["desired"] or "-",
                       "-" if row["generation"] is None else str(row["generation"]),
                       "yes" if row["applied"] else "no", "yes" if row["enforced"] else "no")
     console.print(table)
+    for row in hosts:
+        if row["state"] == "stale":
+            typer.echo(f"{row['host']}: stale (its agent's lease expired): its VMs show their last report and keep "
+                       f"their skins; changes for them wait for the agent")
     for row in vms:  # whole lines below the table, never cut to its width
         for problem in row["problems"]:
             typer.echo(f"{row['host']}/{row['vm']}: problem: {problem}")
@@ -194,20 +199,23 @@ def top(config: HostConfig, interval: float, iterations: int, as_json: bool) -> 
     """Rates from the conditions every agent publishes (every few seconds, so rates are coarse)."""
     from manager.cli import console
 
-    def render(rows: list[dict]) -> Table:
+    def render(rows: list[dict], view: fleetctl.FleetView) -> Group:
+        # One line per VM and direction: the uplink line names the VM, the downlink line its skin.
         table = Table(box=box.SIMPLE_HEAD, title="netskin top (fleet)", pad_edge=False)
-        for heading in ("host/vm", "skin", "dir", "pkt/s", "kbit/s", "drop/s", "queue", "delay ms\nask/meas",
+        for heading in ("host/vm\nskin", "dir", "pkt/s", "kbit/s", "drop/s", "queue", "delay ms\nask/meas",
                         "loss %\nask/meas"):
-            table.add_column(heading, justify="left" if heading in ("host/vm", "skin", "dir") else "right")
+            table.add_column(heading, justify="left" if heading in ("host/vm\nskin", "dir") else "right")
         for r in rows:
             num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-            table.add_row(f"{r['host']}/{r['vm']}" + (" (stale)" if r["host_state"] == "stale" else ""),
-                          r["skin"] or "-", "up" if r["direction"] == "uplink" else "down",
+            name = f"{r['host']}/{r['vm']}" if r["direction"] == "uplink" else (r["skin"] or "-")
+            table.add_row(name, "up" if r["direction"] == "uplink" else "down",
                           num(r["packets_per_s"], ".0f"), num(r["kbit_per_s"], ".1f"), num(r["drops_per_s"], ".0f"),
                           num(r["held_packets"], "d"),
                           f"{num(r['asked_delay_ms'], 'g')}/{num(r['measured_delay_ms'], '.1f')}",
                           f"{num(r['asked_loss_percent'], 'g')}/{num(r['measured_loss_percent'], '.1f')}")
-        return table
+        stale = [Text(f"{name}: stale: no conditions (its agent's lease expired)", style="red")
+                 for name, host in view.hosts.items() if host.state == "stale"]
+        return Group(table, *stale)
 
     async def go(store: Store) -> None:
         previous = None
@@ -225,7 +233,7 @@ def top(config: HostConfig, interval: float, iterations: int, as_json: bool) -> 
                 if as_json:
                     typer.echo(json.dumps({"time": round(time.time(), 3), "revision": view.revision, "rows": rows}))
                 else:
-                    live.update(render(rows), refresh=True)
+                    live.update(render(rows, view), refresh=True)
                 previous = view
                 count += 1
                 if iterations and count >= iterations:
