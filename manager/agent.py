@@ -292,7 +292,9 @@ class Agent:
             active = {vm: st["active"] for vm, st in daemon.items()}
             decided = plan(self.desired, self.status, active, time.time())
             for action in decided.actions:
-                await self._do(action, daemon)
+                if not isinstance(action, Apply):
+                    await self._do(action, daemon)
+            await self._apply_together([a for a in decided.actions if isinstance(a, Apply)], daemon)
             await self._prepare_scheduled(active)
         except (control.DaemonUnreachable, assign.InProgress) as exc:
             delay = self._daemon_backoff.next()
@@ -302,6 +304,23 @@ class Agent:
         if decided.wake_at is None:
             return None
         return trio.current_time() + max(decided.wake_at - time.time(), 0.0)
+
+    async def _apply_together(self, applies: list[Apply], daemon: dict) -> None:
+        """Every swap due now at once (the daemon locks per VM): a fleet's VMs scheduled for one
+        instant swap together, not one after another's verification."""
+        failures: list[Exception] = []
+
+        async def one(action: Apply) -> None:
+            try:
+                await self._do(action, daemon)
+            except (StoreError, control.DaemonUnreachable, assign.InProgress) as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for action in applies:
+                nursery.start_soon(one, action)
+        if failures:
+            raise failures[0]
 
     async def _prepare_scheduled(self, active: Mapping[str, str | None]) -> None:
         """Write the drop-in of every swap scheduled ahead now, so at its instant only the swap is left."""
