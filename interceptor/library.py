@@ -38,7 +38,7 @@ class Entry:
 
     name: str
     path: Path
-    origin: Literal["preset", "drop-in"]
+    origin: Literal["preset", "drop-in", "store"]
     skin: Skin | None = None
     errors: tuple[str, ...] = ()
     document: dict | None = None  # the file's fields as written, when it parsed and validated
@@ -102,6 +102,11 @@ class SkinLibrary:
         if entry.skin is None:
             raise SkinError(list(entry.errors))
         return entry.skin
+
+
+def preset_entries() -> list[Entry]:
+    """The preset catalogue alone (a fleet manager's library is the store, plus these)."""
+    return _scan(presets_dir(), "preset")
 
 
 def _scan(directory: Path, origin: Literal["preset", "drop-in"]) -> list[Entry]:

@@ -143,6 +143,8 @@ class Agent:
         self.started_at = time.time()
         self._store_backoff = Backoff()
         self._daemon_backoff = Backoff()
+        self._inventory_saved = False
+        self._prepared: dict[str, int] = {}  # VM → desired revision whose drop-in is already written
 
     async def run(self) -> None:
         """Until SIGTERM/SIGINT; then the lease is revoked so the host shows gone at once."""
@@ -290,7 +292,10 @@ class Agent:
             active = {vm: st["active"] for vm, st in daemon.items()}
             decided = plan(self.desired, self.status, active, time.time())
             for action in decided.actions:
-                await self._do(action, daemon)
+                if not isinstance(action, Apply):
+                    await self._do(action, daemon)
+            await self._apply_together([a for a in decided.actions if isinstance(a, Apply)], daemon)
+            await self._prepare_scheduled(active)
         except (control.DaemonUnreachable, assign.InProgress) as exc:
             delay = self._daemon_backoff.next()
             log.warning("daemon not answering (%s); converging again in %.1f s", exc, delay)
@@ -299,6 +304,36 @@ class Agent:
         if decided.wake_at is None:
             return None
         return trio.current_time() + max(decided.wake_at - time.time(), 0.0)
+
+    async def _apply_together(self, applies: list[Apply], daemon: dict) -> None:
+        """Every swap due now at once (the daemon locks per VM): a fleet's VMs scheduled for one
+        instant swap together, not one after another's verification."""
+        failures: list[Exception] = []
+
+        async def one(action: Apply) -> None:
+            try:
+                await self._do(action, daemon)
+            except (StoreError, control.DaemonUnreachable, assign.InProgress) as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for action in applies:
+                nursery.start_soon(one, action)
+        if failures:
+            raise failures[0]
+
+    async def _prepare_scheduled(self, active: Mapping[str, str | None]) -> None:
+        """Write the drop-in of every swap scheduled ahead now, so at its instant only the swap is left."""
+        now = time.time()
+        for vm, (revision, value) in sorted(self.desired.items()):
+            if (isinstance(value, Desired) and value.at is not None and value.at > now and vm in active
+                    and self._prepared.get(vm) != revision):
+                try:
+                    await trio.to_thread.run_sync(self._write_drop_in, value.skin.name, value.skin.document)
+                except (UserError, OSError) as exc:  # the swap itself records the failure
+                    log.warning("vm %s: cannot prepare %r ahead of its swap: %s", vm, value.skin.name, exc)
+                    continue
+                self._prepared[vm] = revision
 
     def _daemon_status(self) -> dict:
         return assign.status(self.config)["vms"]
@@ -324,9 +359,10 @@ class Agent:
 
     async def _apply(self, action: Apply, before: dict, now: float) -> None:
         name = action.desired.skin.name
-        state, error, after = "enforced", None, before
+        state, error, after, swapped_at = "enforced", None, before, None
         try:
             await trio.to_thread.run_sync(self._write_drop_in, name, action.desired.skin.document)
+            swapped_at = time.time()
             after = await trio.to_thread.run_sync(assign.apply, self.config, action.vm, name)
             log.info("vm %s: %r applied (desired revision %d, daemon generation %s)", action.vm, name,
                      action.revision, after.get("generation"))
@@ -341,7 +377,8 @@ class Agent:
         if error:
             log.error("vm %s: %r not applied: %s", action.vm, name, error)
         self._record(action.vm, fleet.status_from_daemon(after, applied_rev=action.revision, state=state,
-                                                         desired=action.desired, error=error, now=now))
+                                                         desired=action.desired, error=error, now=now,
+                                                         swapped_at=swapped_at))
 
     def _write_drop_in(self, name: str, document: dict) -> None:
         """Put the desired copy of the skin into the daemon's library, unless it is there already."""
@@ -368,14 +405,19 @@ class Agent:
 
     def _alive(self) -> fleet.Alive:
         return fleet.Alive(host=self.host, pid=os.getpid(), started_at=self.started_at, beat_at=time.time(),
-                           in_sync=self.in_sync, store_revision=self.revision)
+                           in_sync=self.in_sync, store_revision=self.revision, lease_ttl_s=self.lease_ttl_s)
 
     async def _liveness(self) -> None:
-        """Hold a lease with the alive key on it; its put every third of the TTL is also the
-        watch's heartbeat. A lease that expired while etcd was away is replaced."""
+        """Publish the host's VM inventory once, then hold a lease with the alive key on it; its put
+        every third of the TTL is also the watch's heartbeat. A lease that expired while etcd was
+        away is replaced."""
         backoff = Backoff()
         while True:
             try:
+                if not self._inventory_saved:
+                    inventory = fleet.inventory_from_config(self.host, self.config.vms, time.time())
+                    await self.store.put(fleet.inventory_key(self.host), inventory.encode())
+                    self._inventory_saved = True
                 lease = await self.store.grant(self.lease_ttl_s)
                 self.lease_id = lease.id
                 backoff.reset()

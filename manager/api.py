@@ -326,12 +326,30 @@ class Api:
 
 def create_app(config: HostConfig, token: str | None = None, verify_timeout: float = assign.VERIFY_TIMEOUT_S,
                timeout: float = assign.SWAP_TIMEOUT_S) -> Callable:
-    api = Api(config, verify_timeout, timeout)
-    document = openapi_document(bearer=token is not None)
+    from manager.cli_fleet import is_manager
+
+    fleet = is_manager(config)
+    document = openapi_document(bearer=token is not None, fleet=fleet)
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)
 
-    routes = [
+    if fleet:
+        from manager.api_fleet import fleet_routes
+
+        routes = fleet_routes(config, openapi)
+    else:
+        routes = _host_routes(Api(config, verify_timeout, timeout), openapi)
+    app = Starlette(
+        routes=routes,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        max_body_size=MAX_BODY_BYTES,
+    )
+    return BearerToken(app, token) if token is not None else app
+
+
+def _host_routes(api: Api, openapi: Callable) -> list[Route]:
+    return [
         _route("/skins", GET=api.list_skins, POST=api.create_skin),
         _route("/skins/{name}", GET=api.show_skin, PUT=api.update_skin, DELETE=api.delete_skin),
         _route("/vms", GET=api.list_vms),
@@ -347,12 +365,6 @@ def create_app(config: HostConfig, token: str | None = None, verify_timeout: flo
         _route("/metrics", GET=api.metrics),
         _route("/openapi.json", GET=openapi),
     ]
-    app = Starlette(
-        routes=routes,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
-        max_body_size=MAX_BODY_BYTES,
-    )
-    return BearerToken(app, token) if token is not None else app
 
 
 def _route(path: str, **handlers: Callable) -> Route:
@@ -529,8 +541,9 @@ def _op(summary: str, ok: dict[str, Any], errors: tuple[int, ...] = (), *, param
     return op
 
 
-def openapi_document(bearer: bool = False) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of this API (served at /openapi.json)."""
+def openapi_document(bearer: bool = False, fleet: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of this API (served at /openapi.json); ``fleet``: as a fleet
+    manager serves it (VMs on any host, ``/hosts``, ``/fleet/apply``, no ``/metrics``)."""
     def json_of(ref: str | None = None, **schema: Any) -> dict[str, Any]:
         return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"} if ref else schema}}
 
@@ -623,10 +636,46 @@ def openapi_document(bearer: bool = False) -> dict[str, Any]:
             }},
         }},
     }
+    if fleet:
+        _fleet_paths(document, op, json_of)
     if bearer:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
     return document
+
+
+def _fleet_paths(document: dict[str, Any], op: Callable, json_of: Callable) -> None:
+    paths = document["paths"]
+    del paths["/metrics"]  # each host's daemon has its own
+    host = {"name": "host", "in": "query", "required": False, "schema": _NAME_PARAM,
+            "description": "the VM's host, for a name that is on more than one"}
+    change = [host, {"name": "wait", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0},
+                     "description": "seconds to wait for every target to report it enforced (default 10; 0: "
+                                    "only write it); past them all are restored and the answer is 422"}]
+    for path, methods in paths.items():
+        if path.startswith("/vms/{vm_id}"):
+            for method in methods.values():
+                extra = change if "post" in methods else [host]
+                method["parameters"] = method.get("parameters", []) + extra
+                method["responses"].setdefault("503", {"description": "the fleet store is unreachable"})
+    for path in ("/vms/{vm_id}/skins/{name}", "/vms/{vm_id}/persona/{persona_id}"):
+        paths[path]["post"]["parameters"].append(
+            {"name": "at", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "swap at this wall-clock instant: +30s, Unix seconds or ISO 8601"})
+    hosts = json_of(type="object", required=["hosts"], properties={"revision": {"type": "integer"}, "hosts": {
+        "type": "array", "items": {"type": "object", "required": ["host", "state"], "properties": {
+            "host": {"type": "string"}, "state": {"enum": ["alive", "stale"]}, "in_sync": {"type": ["boolean", "null"]},
+            "beat_age_s": {"type": ["number", "null"]}, "vms": {"type": "array", "items": {"type": "string"}}}}}})
+    paths["/hosts"] = {"get": op("Every host of the fleet: alive while its agent holds its lease, else stale",
+                                 hosts, (503,))}
+    paths["/fleet/apply"] = {"post": op(
+        "Apply a skin to many VMs on many hosts in one store transaction (all or none)",
+        json_of(type="object"), (400, 404, 409, 422, 503),
+        body={"type": "object", "required": ["vms", "skin"], "properties": {
+            "vms": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
+                    "description": "VM or HOST/VM names (a list, or one comma-separated string)"},
+            "skin": {"type": "string"}, "at": {"type": ["string", "number"]},
+            "wait": {"type": "number", "minimum": 0}}})}
 
 
 # --- serving -----------------------------------------------------------------------------------

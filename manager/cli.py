@@ -28,6 +28,8 @@ from interceptor.schema import (
     load_host_config,
     load_skin_file,
 )
+from manager import cli_fleet
+from manager.cli_fleet import is_manager
 from manager.library import Entry, SkinLibrary, effective_links, entry_data, in_use_message, worn_by
 
 # --- shared pieces: every command group uses these -------------------------------------------
@@ -92,10 +94,6 @@ def load_config(ctx: typer.Context, config_path: Path | None) -> HostConfig:
     return load_host_config(config_option(ctx, config_path))
 
 
-def open_library(ctx: typer.Context, config_path: Path | None) -> SkinLibrary:
-    return SkinLibrary(load_config(ctx, config_path).skins_dir)
-
-
 def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
@@ -128,8 +126,13 @@ app.add_typer(skins_app, name="skins")
 
 @skins_app.command("list")
 def skins_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """List every skin: drop-ins (which override presets of the same name) and presets."""
-    entries = open_library(ctx, config).entries()
+    """List every skin: drop-ins (which override presets of the same name) and presets; on a fleet
+    manager, the store's skins and the presets."""
+    host = load_config(ctx, config)
+    if is_manager(host):
+        entries = cli_fleet.skins_list(host, json_option(ctx, as_json))
+    else:
+        entries = SkinLibrary(host.skins_dir).entries()
     if json_option(ctx, as_json):
         print_json([entry_data(entry) for entry in entries])
         return
@@ -162,7 +165,11 @@ def skins_list(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOpt
 @skins_app.command("show")
 def skins_show(ctx: typer.Context, name: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show one skin: its fields and the effective conditions in each direction."""
-    entry = open_library(ctx, config).entry(name)
+    host = load_config(ctx, config)
+    if is_manager(host):
+        entry = cli_fleet.skins_show(host, name, json_option(ctx, as_json))
+    else:
+        entry = SkinLibrary(host.skins_dir).entry(name)
     if entry.skin is None:
         raise SkinError(list(entry.errors))
     skin = entry.skin
@@ -224,8 +231,11 @@ def skins_create(
     file: Annotated[Path, typer.Argument(metavar="FILE")], config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Add a new skin to the drop-in directory (its name must not exist yet)."""
-    entry = open_library(ctx, config).create(file)
+    """Add a new skin to the drop-in directory, or the fleet's store (its name must not exist yet)."""
+    host = load_config(ctx, config)
+    if is_manager(host):
+        return cli_fleet.skins_create(host, file, json_option(ctx, as_json))
+    entry = SkinLibrary(host.skins_dir).create(file)
     if json_option(ctx, as_json):
         print_json(entry_data(entry))
         return
@@ -238,8 +248,11 @@ def skins_update(
     name: str, file: Annotated[Path, typer.Argument(metavar="FILE")], config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Replace a skin with FILE; updating a preset creates a drop-in that overrides it."""
-    library = open_library(ctx, config)
+    """Replace a skin with FILE; updating a preset creates a drop-in (or store copy) that overrides it."""
+    host = load_config(ctx, config)
+    if is_manager(host):
+        return cli_fleet.skins_update(host, name, file, json_option(ctx, as_json))
+    library = SkinLibrary(host.skins_dir)
     was_preset = library.entry(name).origin == "preset"
     entry = library.update(name, file)
     if json_option(ctx, as_json):
@@ -253,6 +266,8 @@ def skins_update(
 def skins_delete(ctx: typer.Context, name: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Remove a drop-in skin (presets cannot be deleted; nor can a skin a VM wears)."""
     host = load_config(ctx, config)
+    if is_manager(host):
+        return cli_fleet.skins_delete(host, name, json_option(ctx, as_json))
     vm = worn_by(host, name)
     if vm is not None:
         fail(in_use_message(name, vm))
@@ -319,7 +334,16 @@ def _fail_with_status(message: str, code: int, vm: str | None, status: dict | No
     fail(message, code)
 
 
-VmArgument = Annotated[str, typer.Argument(help="The VM's name in the host configuration.")]
+VmArgument = Annotated[str, typer.Argument(
+    metavar="VM[,VM…]", help="The VM's name in the host configuration; on a fleet manager, VMs on any host "
+                             "(HOST/VM names one on a given host).")]
+AtOption = Annotated[Optional[str], typer.Option(
+    "--at", metavar="TIME", help="Fleet: every host swaps at this wall-clock instant (+30s, +2m, Unix seconds, "
+                                 "HH:MM[:SS] UTC or ISO 8601).")]
+WaitOption = Annotated[Optional[float], typer.Option(
+    "--wait", metavar="SECONDS", min=0,
+    help="Fleet: wait this long (after --at) for every VM to report it enforced, else restore them all and "
+         "exit 3; 0: only write it (default 10).")]
 TimeoutOption = Annotated[float, typer.Option(
     "--timeout", metavar="SECONDS", min=0.1,
     help="How long to wait for the daemon to finish the swap; past it, status tells what happened.")]
@@ -327,37 +351,63 @@ TimeoutOption = Annotated[float, typer.Option(
 
 @app.command("apply")
 def apply_cmd(ctx: typer.Context, vm: VmArgument, skin: Annotated[str, typer.Argument(help="Skin name.")],
-              config: ConfigOption = None, as_json: JsonOption = False, timeout: TimeoutOption = 30.0) -> None:
-    """Swap VM's active skin atomically; the old one becomes the shadow."""
+              config: ConfigOption = None, as_json: JsonOption = False, timeout: TimeoutOption = 30.0,
+              at: AtOption = None, wait: WaitOption = None) -> None:
+    """Swap VM's active skin atomically; the old one becomes the shadow. On a fleet manager: many VMs
+    on many hosts in one store transaction (all or none)."""
     from manager import assign
 
     as_json = json_option(ctx, as_json)
-    result = _daemon_call(assign.apply, load_config(ctx, config), vm, skin, timeout, vm=vm, as_json=as_json)
+    host = load_config(ctx, config)
+    if is_manager(host):
+        return cli_fleet.change(host, "apply", vm, skin, at, _fleet_wait(wait), as_json)
+    _local_only(at=at, wait=wait)
+    result = _daemon_call(assign.apply, host, vm, skin, timeout, vm=vm, as_json=as_json)
     _report_vm(vm, result, as_json, f"{vm}: {skin} active (generation {result['generation']})")
 
 
 @app.command("rollback")
 def rollback_cmd(ctx: typer.Context, vm: VmArgument, config: ConfigOption = None, as_json: JsonOption = False,
-                 timeout: TimeoutOption = 30.0) -> None:
+                 timeout: TimeoutOption = 30.0, wait: WaitOption = None) -> None:
     """Swap the active and shadow skins (undo the last apply)."""
     from manager import assign
 
     as_json = json_option(ctx, as_json)
-    result = _daemon_call(assign.rollback, load_config(ctx, config), vm, timeout, vm=vm, as_json=as_json)
+    host = load_config(ctx, config)
+    if is_manager(host):
+        return cli_fleet.change(host, "rollback", vm, None, None, _fleet_wait(wait), as_json)
+    _local_only(wait=wait)
+    result = _daemon_call(assign.rollback, host, vm, timeout, vm=vm, as_json=as_json)
     _report_vm(vm, result, as_json,
                f"{vm}: rolled back to {result['active']} (generation {result['generation']})")
 
 
 @app.command("revert")
 def revert_cmd(ctx: typer.Context, vm: VmArgument, config: ConfigOption = None, as_json: JsonOption = False,
-               timeout: TimeoutOption = 30.0) -> None:
+               timeout: TimeoutOption = 30.0, wait: WaitOption = None) -> None:
     """Remove the skin and restore the VM's original configuration."""
     from manager import assign
 
     as_json = json_option(ctx, as_json)
-    result = _daemon_call(assign.revert, load_config(ctx, config), vm, timeout, vm=vm, as_json=as_json)
+    host = load_config(ctx, config)
+    if is_manager(host):
+        return cli_fleet.change(host, "revert", vm, None, None, _fleet_wait(wait), as_json)
+    _local_only(wait=wait)
+    result = _daemon_call(assign.revert, host, vm, timeout, vm=vm, as_json=as_json)
     _report_vm(vm, result, as_json,
                f"{vm}: reverted to its original configuration (generation {result['generation']})")
+
+
+def _fleet_wait(wait: float | None) -> float:
+    from manager.fleetctl import WAIT_S
+
+    return WAIT_S if wait is None else wait
+
+
+def _local_only(**options: Any) -> None:
+    given = [f"--{name}" for name, value in options.items() if value is not None]
+    if given:
+        fail(f"{' and '.join(given)}: fleet options; they need a manager configuration ([store] and no [vms])")
 
 
 def _report_vm(vm: str, result: dict, as_json: bool, line: str) -> None:
@@ -376,10 +426,14 @@ def _mtu_text(original: dict) -> str:
 @app.command("status")
 def status_cmd(ctx: typer.Context, vm: Annotated[Optional[str], typer.Argument(help="One VM (default: all).")] = None,
                config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Per VM: active skin, shadow, generation and live counters."""
+    """Per VM: active skin, shadow, generation and live counters. On a fleet manager: every host
+    (alive or stale) and every VM (active, shadow, applied, enforced)."""
     from manager import assign
 
-    reply = _daemon_call(assign.status, load_config(ctx, config), vm)
+    host = load_config(ctx, config)
+    if is_manager(host):
+        return cli_fleet.status(host, vm, json_option(ctx, as_json))
+    reply = _daemon_call(assign.status, host, vm)
     if json_option(ctx, as_json):
         print_json(reply)
         return
@@ -456,6 +510,8 @@ def top_cmd(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption
     from manager import assign
 
     host = load_config(ctx, config)
+    if is_manager(host):
+        return cli_fleet.top(host, interval, iterations, json_option(ctx, as_json))
     sample = lambda: (_daemon_call(assign.status, host)["vms"], time.monotonic())  # noqa: E731
     count = 0
     try:

@@ -7,10 +7,12 @@ roles can confine it there:
     /netskin/hosts/<host>/desired/<vm>         what the VM should wear (manager writes)
     /netskin/hosts/<host>/status/<vm>          what the agent last did for it (agent writes)
     /netskin/hosts/<host>/alive                the agent's liveness, on its lease
+    /netskin/hosts/<host>/inventory            the VMs the host's configuration names (agent writes)
     /netskin/hosts/<host>/conditions/<vm>      asked vs measured summary, on the agent's lease
 
 A desired key carries a copy of the skin document, so a host applies exactly what was asked even
 if the library entry changes meanwhile; its ``mod_revision`` is what the status records as applied.
+The inventory is not on the lease: a manager still knows a stale host's VMs by name.
 """
 
 from __future__ import annotations
@@ -69,9 +71,13 @@ def alive_key(host: str) -> str:
     return f"{host_prefix(host)}alive"
 
 
+def inventory_key(host: str) -> str:
+    return f"{host_prefix(host)}inventory"
+
+
 class HostKey(NamedTuple):
     host: str
-    kind: str  # "desired", "status", "conditions" or "alive"
+    kind: str  # "desired", "status", "conditions", "alive" or "inventory"
     vm: str | None
 
 
@@ -80,8 +86,8 @@ def parse_host_key(key: str) -> HostKey | None:
     if not key.startswith(hosts_prefix()):
         return None
     parts = key[len(hosts_prefix()):].split("/")
-    if len(parts) == 2 and parts[1] == "alive" and _SEGMENT_RE.fullmatch(parts[0]):
-        return HostKey(parts[0], "alive", None)
+    if len(parts) == 2 and parts[1] in ("alive", "inventory") and _SEGMENT_RE.fullmatch(parts[0]):
+        return HostKey(parts[0], parts[1], None)
     if len(parts) == 3 and parts[1] in KINDS and all(_SEGMENT_RE.fullmatch(p) for p in (parts[0], parts[2])):
         return HostKey(parts[0], parts[1], parts[2])
     return None
@@ -140,6 +146,7 @@ class Status(_Value):
     verify_problems: list[str] = []
     error: str | None = None
     original: dict[str, Any] | None = None
+    swapped_at: float | None = None  # Unix seconds when the agent asked the daemon to swap
     at: float  # Unix seconds when it was written
 
 
@@ -150,6 +157,21 @@ class Alive(_Value):
     beat_at: float
     in_sync: bool
     store_revision: int = 0
+    lease_ttl_s: int | None = None
+
+
+class Inventory(_Value):
+    """The VMs a host's configuration names: VM → {"interface", "address"}."""
+
+    host: str
+    vms: dict[str, dict[str, Any]]
+    at: float
+
+
+def inventory_from_config(host: str, vms: dict[str, Any], now: float) -> Inventory:
+    """From a host configuration's ``vms`` table (``VmConfig`` values)."""
+    return Inventory(host=host, at=now, vms={name: {"interface": vm.interface, "address": str(vm.address)}
+                                             for name, vm in sorted(vms.items())})
 
 
 class Conditions(_Value):
@@ -157,11 +179,15 @@ class Conditions(_Value):
     generation: int
     conditions: dict[str, Any]  # per direction {"asked": {...}, "measured": {...}} from the daemon
     out_of_tolerance: list[str] = []
+    counters: dict[str, dict[str, int]] = {}  # per direction: COUNTERS, for rates across hosts
     at: float
 
 
+COUNTERS = ("packets", "bytes", "dropped_packets", "held_packets")
+
+
 def status_from_daemon(vm_status: dict, *, applied_rev: int, state: State, desired: Desired | None,
-                       error: str | None, now: float) -> Status:
+                       error: str | None, now: float, swapped_at: float | None = None) -> Status:
     """The status value for one VM from the daemon's ``status`` entry for it."""
     return Status(
         applied_rev=applied_rev,
@@ -175,11 +201,14 @@ def status_from_daemon(vm_status: dict, *, applied_rev: int, state: State, desir
         verify_problems=list(vm_status.get("verify_problems") or []),
         error=error,
         original=vm_status.get("original"),
+        swapped_at=swapped_at,
         at=now,
     )
 
 
 def conditions_from_daemon(vm_status: dict, now: float) -> Conditions:
+    counters = {direction: {key: int(vm_status[direction].get(key, 0)) for key in COUNTERS}
+                for direction in ("uplink", "downlink") if isinstance(vm_status.get(direction), dict)}
     return Conditions(skin=vm_status.get("active"), generation=vm_status.get("generation", 0),
                       conditions=vm_status.get("conditions") or {},
-                      out_of_tolerance=list(vm_status.get("out_of_tolerance") or []), at=now)
+                      out_of_tolerance=list(vm_status.get("out_of_tolerance") or []), counters=counters, at=now)

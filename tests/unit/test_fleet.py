@@ -105,3 +105,26 @@ def test_store_table_in_the_host_config(tmp_path):
     path.write_text('[store]\nendpoints = []\n')
     with pytest.raises(ConfigError, match="endpoints"):
         load_host_config(path)
+
+
+def test_inventory_key_and_value():
+    from interceptor.schema import VmConfig
+
+    assert fleet.inventory_key("hv1") == "/netskin/hosts/hv1/inventory"
+    assert fleet.parse_host_key(fleet.inventory_key("hv1")) == HostKey("hv1", "inventory", None)
+    vms = {"web2": VmConfig(interface="tap-web2", address="10.0.0.3"),
+           "web1": VmConfig(interface="tap-web1", address="10.0.0.2")}
+    inventory = fleet.inventory_from_config("hv1", vms, 5.0)
+    assert list(inventory.vms) == ["web1", "web2"]
+    assert inventory.vms["web1"] == {"interface": "tap-web1", "address": "10.0.0.2"}
+    assert fleet.Inventory.decode(inventory.encode()) == inventory
+
+
+def test_conditions_carry_the_counters_for_rates():
+    vm_status = {"active": "slow", "generation": 2, "conditions": {}, "out_of_tolerance": [],
+                 "uplink": {"packets": 10, "bytes": 1000, "dropped_packets": 1, "held_packets": 0, "other": 5},
+                 "downlink": {"packets": 20, "bytes": 3000, "dropped_packets": 0, "held_packets": 2}}
+    conditions = fleet.conditions_from_daemon(vm_status, 1.0)
+    assert conditions.counters["uplink"] == {"packets": 10, "bytes": 1000, "dropped_packets": 1, "held_packets": 0}
+    assert conditions.counters["downlink"]["held_packets"] == 2
+    assert fleet.Conditions.decode(conditions.encode()) == conditions
