@@ -72,7 +72,8 @@ def host_role(host: str) -> Role:
     """What the agent of ``host`` needs, and nothing more.
 
     It ranges and watches its whole host prefix (so READ on all of it, its own status included)
-    and reads the library; it writes only its status, its leased alive key and conditions. Its
+    and reads the library; it writes only its status, its leased alive key, conditions and its VM
+    inventory. Its
     desired keys are the manager's: the agent cannot change what it is asked to do.
     """
     prefix = fleet.host_prefix(host)
@@ -82,6 +83,7 @@ def host_role(host: str) -> Role:
         Permission("READWRITE", f"{prefix}status/", prefix=True),
         Permission("READWRITE", f"{prefix}conditions/", prefix=True),
         Permission("READWRITE", fleet.alive_key(host), prefix=False),
+        Permission("READWRITE", fleet.inventory_key(host), prefix=False),
     ))
 
 

@@ -202,6 +202,7 @@ password_file = "{hv1.password_file}"
             wait_for("hv1's alive key on its lease", lambda: manager_call("get", fleet.alive_key("hv1")), log=agent.log)
             wait_for("vm1's conditions on the lease",
                      lambda: manager_call("get", fleet.conditions_key("hv1", "vm1")), log=agent.log)
+            wait_for("hv1's VM inventory", lambda: manager_call("get", fleet.inventory_key("hv1")), log=agent.log)
             assert "refused" not in agent.log()
 
             # The host's own configuration, from the host's namespace: hv2's keys and its own

@@ -31,7 +31,8 @@ def allowed(role, key: str, access: str) -> bool:
 
 def host_keys(host: str) -> dict[str, str]:
     return {"desired": fleet.desired_key(host, "vm1"), "status": fleet.status_key(host, "vm1"),
-            "conditions": fleet.conditions_key(host, "vm1"), "alive": fleet.alive_key(host)}
+            "conditions": fleet.conditions_key(host, "vm1"), "alive": fleet.alive_key(host),
+            "inventory": fleet.inventory_key(host)}
 
 
 def test_a_host_reads_its_host_and_the_library_and_writes_only_its_reports():
@@ -39,7 +40,7 @@ def test_a_host_reads_its_host_and_the_library_and_writes_only_its_reports():
     own = host_keys("hv1")
     assert all(allowed(role, key, "READ") for key in own.values())
     assert allowed(role, fleet.skin_key("3g"), "READ") and not allowed(role, fleet.skin_key("3g"), "WRITE")
-    assert {kind for kind, key in own.items() if allowed(role, key, "WRITE")} == {"status", "conditions", "alive"}
+    assert {kind for kind, key in own.items() if allowed(role, key, "WRITE")} == {"status", "conditions", "alive", "inventory"}
     # Hosts whose names extend hv1's, or sort next to it, are out of reach either way.
     for other in ("hv2", "hv10", "hv1-b", "hv1.b", "hv"):
         for key in host_keys(other).values():
