@@ -19,6 +19,7 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +47,17 @@ RULES_TIMEOUT_S = 10.0
 SWITCH_INTERVAL_S = 0.0005
 FIREWALL_COUNTERS_MAX_AGE_S = 0.5
 FAULT_INJECTION_ENV = "NETSKIN_FAULT_INJECTION"  # "1": the control socket takes "fault" (tests)
+
+
+def set_data_path_nice(nice: int) -> None:
+    """Give the calling thread (the data path) this niceness; threads it starts later inherit it,
+    the helper process puts itself back to 0."""
+    if nice == 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:
+        log.warning("data path niceness %d not set (%s); it runs at the default priority", nice, exc.strerror)
 
 
 class Daemon:
@@ -255,6 +267,7 @@ class Daemon:
             # for up to the switch interval before the data path gets it back: 5 ms by default,
             # which showed as release-lateness spikes while skins were being rewritten.
             sys.setswitchinterval(SWITCH_INTERVAL_S)
+            set_data_path_nice(self.config.data_path_nice)
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 self._nursery = nursery

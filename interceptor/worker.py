@@ -10,6 +10,7 @@ trio worker thread, which holds no GIL while it waits.
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -83,6 +84,10 @@ class Worker:
 
 
 def serve() -> None:
+    try:  # started from the data path's thread: not its priority (raising niceness needs no privilege)
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        pass
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     while True:
         header = requests.read(4)

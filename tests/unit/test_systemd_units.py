@@ -168,7 +168,7 @@ def test_interceptor_unit_matches_the_daemon_and_its_defaults():
     assert Path("/run") / unit["RuntimeDirectory"][0] == defaults.control_socket.parent
     assert {Path("/etc") / d for d in unit["ConfigurationDirectory"][0].split()} == {
         DEFAULT_CONFIG_PATH.parent, defaults.skins_dir}
-    assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
+    assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_NICE"]
     for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
                        ("PrivateTmp", "yes"), ("MemoryDenyWriteExecute", "yes"),
                        ("LockPersonality", "yes"), ("SystemCallArchitectures", "native")):
