@@ -1,26 +1,38 @@
 """Netfilter rules netskin owns: steering into NFQUEUE (mangle) and the VMs' firewalls (filter).
 
-Steering, in the mangle table: chain ``NETSKIN-UP``, appended to PREROUTING, sends what enters
-from a VM (its interface, or its bridge port: physdev) to the VM's uplink queue; chain
-``NETSKIN-DOWN``, appended to POSTROUTING, sends what leaves towards a VM to its downlink queue:
-out of its interface, bridged out of its port (physdev), or routed by the host onto the VM's
-bridge for the VM's address (a routed packet's bridge port is not known yet in POSTROUTING).
-So every layout is seen, in both directions, and a packet between two VMs meets the sender's
-uplink and then the receiver's downlink. Uplink steering runs before the filter table and
-downlink steering after it; either way a packet the daemon accepts goes on through the rest of
-the host's rules (libvirt's, Docker's, the admin's) as if netskin were not there. netskin sets
-no packet marks.
+Steering, in the mangle table, costs the same per packet whatever the number of VMs. Chain
+``NETSKIN-UP``, appended to PREROUTING, sends what enters from a VM to its group's uplink queue;
+chain ``NETSKIN-DOWN``, appended to POSTROUTING, sends what leaves towards a VM to its group's
+downlink queue. A group of VMs (today: all of them) shares one queue pair, and the daemon tells
+the VMs apart by the packet's devices. Each queue is fed by one rule per address family matching
+an ipset of type ``hash:net,iface`` (``netskin-<queue>-v4``, ``netskin-<queue>-v6``): a hash
+lookup, not a walk over the VMs. The uplink set holds every VM interface as the incoming device
+(``src,src``: a routed tap or veth); the downlink set holds it as the outgoing device
+(``dst,dst``) and, for a port of a Linux bridge, the VM's address with the bridge as the outgoing
+device (routed by the host onto the bridge: the port is chosen after POSTROUTING).
+
+Bridged packets are the exception: their in/out device is the bridge, and an ipset cannot match
+the bridge port from iptables (``physdev:`` entries need a flag the ``set`` match never sends).
+So packets that crossed a bridge port (``--physdev-is-in`` up, ``--physdev-is-bridged`` down)
+jump to ``NETSKIN-UP-PORTS`` / ``NETSKIN-DOWN-PORTS``, which hold one physdev rule per VM; packets
+of routed VMs never enter them. So every layout is seen, in both directions, and a packet between
+two VMs meets the sender's uplink and then the receiver's downlink. Uplink steering runs before
+the filter table and downlink steering after it; either way a packet the daemon accepts goes on
+through the rest of the host's rules (libvirt's, Docker's, the admin's) as if netskin were not
+there. netskin sets no packet marks.
 
 Firewall: chain ``NETSKIN`` in the filter table, inserted at position 1 of FORWARD, INPUT and
 OUTPUT, holds only jumps to the per-VM chains of VMs that wear a profile (``interceptor.firewall``
 renders them). They RETURN what the profile allows, so the host's rules still apply after them.
 
-Every change is one ``iptables-restore --noflush`` transaction per address family, computed from
-the current ``iptables-save`` output: it removes whatever netskin had there (a killed run's
-leftovers, the old single-chain layout) and writes the new state, so there is never a moment
-with two copies or with none. Every call is bounded by a timeout. Rules go through the iptables
-CLI because this kernel's nftables has no native ``queue`` statement (iptables-nft reaches
-NFQUEUE through nft_compat).
+Every rule change is one ``iptables-restore --noflush`` transaction per address family, computed
+from the current ``iptables-save`` output: it removes whatever netskin had there (a killed run's
+leftovers, older layouts) and writes the new state, so there is never a moment with two copies
+or with none. The sets are filled before the rules that use them: each is built under a
+temporary name and swapped in (``ipset swap`` is atomic), so a set left by a crashed run is
+replaced without a moment of being empty. They are destroyed after the rules are removed. Every
+call is bounded by a timeout. Rules go through the iptables CLI because this kernel's nftables
+has no native ``queue`` statement (iptables-nft reaches NFQUEUE through nft_compat).
 """
 
 from __future__ import annotations
@@ -39,6 +51,9 @@ from interceptor.profiles import CompiledProfile
 CHAIN = "NETSKIN"  # filter: the jumps to the VMs' firewalls (and, in mangle, an earlier layout)
 UP_CHAIN = "NETSKIN-UP"  # mangle PREROUTING: what enters from a VM → its uplink queue
 DOWN_CHAIN = "NETSKIN-DOWN"  # mangle POSTROUTING: what leaves towards a VM → its downlink queue
+UP_PORTS_CHAIN = "NETSKIN-UP-PORTS"  # mangle: bridged packets, by the bridge port they came in on
+DOWN_PORTS_CHAIN = "NETSKIN-DOWN-PORTS"  # mangle: bridged packets, by the bridge port they go out of
+SET_PREFIX = "netskin-"  # ipsets: netskin-<queue>-v4 / -v6
 TAG = "netskin"
 HOOKS = ("FORWARD", "INPUT", "OUTPUT")  # filter hooks jumping to CHAIN
 DEFAULT_TIMEOUT_S = 10.0
@@ -77,9 +92,15 @@ def install(vms: list[VmRules], fail_open: bool, timeout_s: float = DEFAULT_TIME
     """Steering and every VM's firewall chains, replacing whatever netskin had installed."""
     _check(vms)
     deadline = _Deadline(timeout_s)
-    for save, restore, version in _family_tools():
+    families = _family_tools()
+    if vms:
+        _ipset_restore(render_sets(vms, [version for _, _, version in families]), deadline)
+    for save, restore, version in families:
         saved = _run([save], timeout_s=deadline.left())
         _restore(restore, render_install(saved, vms, fail_open, version), deadline)
+    # Sets of an earlier configuration (another queue_base) are no longer referenced: drop them.
+    wanted = set(set_names(vms, [version for _, _, version in families]))
+    _destroy_sets([name for name in _our_sets(deadline) if name not in wanted], deadline)
 
 
 def set_profile(vm: VmRules, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -99,7 +120,9 @@ def remove_steering(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
         text = render_remove_steering(_run([save], timeout_s=deadline.left()))
         found |= bool(text)
         _restore(restore, text, deadline)
-    return found
+    sets = _our_sets(deadline)  # after the rules: a set in use cannot be destroyed
+    _destroy_sets(sets, deadline)
+    return found or bool(sets)
 
 
 def remove(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
@@ -110,7 +133,9 @@ def remove(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
         text = render_remove(_run([save], timeout_s=deadline.left()))
         found |= bool(text)
         _restore(restore, text, deadline)
-    return found
+    sets = _our_sets(deadline)
+    _destroy_sets(sets, deadline)
+    return found or bool(sets)
 
 
 def firewall_counters(timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, dict]:
@@ -118,6 +143,61 @@ def firewall_counters(timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, dict]:
     deadline = _Deadline(timeout_s)
     saves = [_run([save, "-c"], timeout_s=deadline.left()) for save, _, _ in _family_tools()]
     return firewall.parse_counters(saves)
+
+
+# --- the sets: ipset restore text ------------------------------------------------------------
+
+_HALVES = {4: ("0.0.0.0/1", "128.0.0.0/1"), 6: ("::/1", "8000::/1")}  # every address, in two nets
+
+
+def set_name(queue: int, version: int) -> str:
+    return f"{SET_PREFIX}{queue}-v{version}"
+
+
+def _queues(vms: list[VmRules]) -> list[tuple[int, int]]:
+    """The distinct (uplink, downlink) queue pairs, in the order of their first VM."""
+    return list(dict.fromkeys((vm.uplink_queue, vm.downlink_queue) for vm in vms))
+
+
+def set_names(vms: list[VmRules], versions: list[int]) -> list[str]:
+    return [set_name(queue, version) for pair in _queues(vms) for queue in pair for version in versions]
+
+
+def set_entries(vms: list[VmRules], queue: int, version: int) -> list[str]:
+    """The members of ``queue``'s set: ``net,iface`` for each VM interface feeding it (incoming
+    for an uplink queue, outgoing for a downlink one), and for a bridge port's downlink its
+    address on the bridge."""
+    entries: list[str] = []
+    for vm in vms:
+        if queue not in (vm.uplink_queue, vm.downlink_queue):
+            continue
+        entries += [f"{net},{vm.interface}" for net in _HALVES[version]]  # hash:net takes no /0
+        address = vm.address_for(version)
+        if queue == vm.downlink_queue and vm.bridge and address:
+            entries.append(f"{address}/{32 if version == 4 else 128},{vm.bridge}")
+    return list(dict.fromkeys(entries))
+
+
+def render_sets(vms: list[VmRules], versions: list[int]) -> str:
+    """``ipset restore`` input that makes each queue's sets hold exactly ``vms``' entries: each is
+    filled under a temporary name and swapped in, so a set already in use is never empty."""
+    lines = []
+    for pair in _queues(vms):
+        for queue in pair:
+            for version in versions:
+                name = set_name(queue, version)
+                family = "inet" if version == 4 else "inet6"
+                entries = set_entries(vms, queue, version)
+                size = max(1024, 2 * len(entries))
+                create = f"hash:net,iface family {family} hashsize {size} maxelem {max(65536, 2 * len(entries))}"
+                temporary = f"{name}-new"
+                lines.append(f"create {temporary} {create} -exist")
+                lines.append(f"flush {temporary}")
+                lines += [f"add {temporary} {entry}" for entry in entries]
+                lines.append(f"create {name} {create} -exist")
+                lines.append(f"swap {temporary} {name}")
+                lines.append(f"destroy {temporary}")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 # --- rendering: iptables-save text in, iptables-restore text out --------------------------------
@@ -189,7 +269,7 @@ def _transaction(mangle: list[str], filter_: list[str]) -> str:
 
 def _is_ours(table: str, chain: str) -> bool:
     if table == "mangle":
-        return chain in (CHAIN, UP_CHAIN, DOWN_CHAIN)
+        return chain in (CHAIN, UP_CHAIN, DOWN_CHAIN, UP_PORTS_CHAIN, DOWN_PORTS_CHAIN)
     return chain == CHAIN or (table == "filter" and firewall.is_firewall_chain(chain))
 
 
@@ -208,28 +288,29 @@ def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open
     table = table or SavedTable()
     lines = _jumps_into_ours("mangle", table)
     existing = [chain for chain in table.chains if _is_ours("mangle", chain)]
-    wanted = (UP_CHAIN, DOWN_CHAIN) if vms else ()
-    stale = [chain for chain in existing if chain not in wanted]
-    lines += [f":{chain} - [0:0]" for chain in stale]  # declaring a chain flushes it
-    lines += [f"-X {chain}" for chain in stale]
+    wanted = (UP_CHAIN, DOWN_CHAIN, UP_PORTS_CHAIN, DOWN_PORTS_CHAIN) if vms else ()
+    # Ours are flushed (declaring a chain flushes it) before any is deleted: they jump to each other.
+    lines += [f":{chain} - [0:0]" for chain in existing if chain not in wanted]
+    lines += [f"-X {chain}" for chain in existing if chain not in wanted]
     if not vms:
         return lines
     bypass = " --queue-bypass" if fail_open else ""
-    lines += [f":{UP_CHAIN} - [0:0]", f":{DOWN_CHAIN} - [0:0]"]
+    lines += [f":{chain} - [0:0]" for chain in wanted]
+    # One set rule per queue: the kernel looks the packet's device up in a hash.
+    for up, down in _queues(vms):
+        lines.append(f'-A {UP_CHAIN} -m set --match-set {set_name(up, version)} src,src '
+                     f'-m comment --comment "{TAG} uplink" -j NFQUEUE --queue-num {up}{bypass}')
+        lines.append(f'-A {DOWN_CHAIN} -m set --match-set {set_name(down, version)} dst,dst '
+                     f'-m comment --comment "{TAG} downlink" -j NFQUEUE --queue-num {down}{bypass}')
+    # Bridged packets: in PREROUTING a bridge port is known for bridged and routed packets alike;
+    # in POSTROUTING only for bridged ones (routed ones matched the set by address above).
+    lines.append(f'-A {UP_CHAIN} -m physdev --physdev-is-in -m comment --comment "{TAG}" -j {UP_PORTS_CHAIN}')
+    lines.append(f'-A {DOWN_CHAIN} -m physdev --physdev-is-bridged -m comment --comment "{TAG}" -j {DOWN_PORTS_CHAIN}')
     for vm in vms:
         up = f'-m comment --comment "{TAG} vm={vm.name} uplink" -j NFQUEUE --queue-num {vm.uplink_queue}{bypass}'
         down = f'-m comment --comment "{TAG} vm={vm.name} downlink" -j NFQUEUE --queue-num {vm.downlink_queue}{bypass}'
-        # Routed taps/veths match by device, bridge ports by physdev; both are installed. In
-        # PREROUTING a bridge port is known for bridged and for routed packets alike.
-        lines.append(f"-A {UP_CHAIN} -i {vm.interface} {up}")
-        lines.append(f"-A {UP_CHAIN} -m physdev --physdev-in {vm.interface} {up}")
-        lines.append(f"-A {DOWN_CHAIN} -o {vm.interface} {down}")
-        lines.append(f"-A {DOWN_CHAIN} -m physdev --physdev-out {vm.interface} --physdev-is-bridged {down}")
-        address = vm.address_for(version)
-        if vm.bridge and address:
-            # Routed onto the bridge: the port is chosen after POSTROUTING, so match the address.
-            prefix = 32 if version == 4 else 128
-            lines.append(f"-A {DOWN_CHAIN} -o {vm.bridge} -d {address}/{prefix} {down}")
+        lines.append(f"-A {UP_PORTS_CHAIN} -m physdev --physdev-in {vm.interface} {up}")
+        lines.append(f"-A {DOWN_PORTS_CHAIN} -m physdev --physdev-out {vm.interface} --physdev-is-bridged {down}")
     # Appended: the host's mangle rules in these chains (TCPMSS clamping, marks) run first, since
     # a packet the daemon accepts leaves mangle's chain at the queue.
     lines.append(f'-A PREROUTING -m comment --comment "{TAG}" -j {UP_CHAIN}')
@@ -348,3 +429,29 @@ def _run(argv: list[str], stdin: str | None = None, timeout_s: float = DEFAULT_T
     if proc.returncode != 0:
         raise RulesError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
     return proc.stdout
+
+
+def _ipset() -> str:
+    tool = shutil.which("ipset")
+    if tool is None:
+        raise RulesError("ipset not found: install the ipset package (netskin steers through ipsets)")
+    return tool
+
+
+def _ipset_restore(text: str, deadline: _Deadline) -> None:
+    if text:
+        _run([_ipset(), "restore"], text, timeout_s=deadline.left())
+
+
+def _our_sets(deadline: _Deadline) -> list[str]:
+    """The names of the ipsets netskin owns (none when ipset is not installed)."""
+    tool = shutil.which("ipset")
+    if tool is None:
+        return []
+    names = _run([tool, "list", "-n"], timeout_s=deadline.left()).split()
+    return [name for name in names if name.startswith(SET_PREFIX)]
+
+
+def _destroy_sets(names: list[str], deadline: _Deadline) -> None:
+    if names:
+        _ipset_restore("".join(f"destroy {name}\n" for name in names), deadline)
