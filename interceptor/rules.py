@@ -1,25 +1,29 @@
 """Netfilter rules netskin owns: steering into NFQUEUE (mangle) and the VMs' firewalls (filter).
 
-Steering, in the mangle table, costs the same per packet whatever the number of VMs. Chain
+Steering, in the mangle table, costs a packet the same whatever the number of VMs. Chain
 ``NETSKIN-UP``, appended to PREROUTING, sends what enters from a VM to its group's uplink queue;
 chain ``NETSKIN-DOWN``, appended to POSTROUTING, sends what leaves towards a VM to its group's
 downlink queue. A group of VMs (today: all of them) shares one queue pair, and the daemon tells
-the VMs apart by the packet's devices. Each queue is fed by one rule per address family matching
-an ipset of type ``hash:net,iface`` (``netskin-<queue>-v4``, ``netskin-<queue>-v6``): a hash
-lookup, not a walk over the VMs. The uplink set holds every VM interface as the incoming device
-(``src,src``: a routed tap or veth); the downlink set holds it as the outgoing device
-(``dst,dst``) and, for a port of a Linux bridge, the VM's address with the bridge as the outgoing
-device (routed by the host onto the bridge: the port is chosen after POSTROUTING).
+the VMs apart by the packet's devices (``interceptor.engine.classify``).
 
-Bridged packets are the exception: their in/out device is the bridge, and an ipset cannot match
-the bridge port from iptables (``physdev:`` entries need a flag the ``set`` match never sends).
-So packets that crossed a bridge port (``--physdev-is-in`` up, ``--physdev-is-bridged`` down)
-jump to ``NETSKIN-UP-PORTS`` / ``NETSKIN-DOWN-PORTS``, which hold one physdev rule per VM; packets
-of routed VMs never enter them. So every layout is seen, in both directions, and a packet between
-two VMs meets the sender's uplink and then the receiver's downlink. Uplink steering runs before
-the filter table and downlink steering after it; either way a packet the daemon accepts goes on
-through the rest of the host's rules (libvirt's, Docker's, the admin's) as if netskin were not
-there. netskin sets no packet marks.
+A device match takes an exact name or a prefix (``tap+``), so the VMs' interface names are laid
+out as a radix tree of chains (``NETSKIN-TI-<hash>`` and its kin): each chain covers one common
+prefix and holds a rule per next character, so a packet walks a few rules per level of the name,
+however many VMs there are. There are four trees: the incoming device (a routed tap or veth) in
+``NETSKIN-UP``; the outgoing device in ``NETSKIN-DOWN``; and, entered only by packets that
+crossed a bridge (``--physdev-is-in``, ``--physdev-is-bridged``), the bridge port in
+``NETSKIN-UP-PORTS`` and ``NETSKIN-DOWN-PORTS``. A packet the host routes onto a VM's bridge has
+no port yet in POSTROUTING; it is matched by its destination in an ipset of type
+``hash:net,iface`` per downlink queue (``netskin-<queue>-v4`` / ``-v6``: each bridge port's
+address with its bridge), one hash lookup. (An ipset keyed by the interface alone does not scale:
+``hash:net,iface`` hashes only the net, so every VM's "any address" entry lands in one bucket of
+at most 64, and its ``physdev:`` entries are never matched from iptables.)
+
+So every layout is seen, in both directions, and a packet between two VMs meets the sender's
+uplink and then the receiver's downlink. Uplink steering runs before the filter table and
+downlink steering after it; either way a packet the daemon accepts goes on through the rest of
+the host's rules (libvirt's, Docker's, the admin's) as if netskin were not there. netskin sets
+no packet marks.
 
 Firewall: chain ``NETSKIN`` in the filter table, inserted at position 1 of FORWARD, INPUT and
 OUTPUT, holds only jumps to the per-VM chains of VMs that wear a profile (``interceptor.firewall``
@@ -30,14 +34,16 @@ from the current ``iptables-save`` output: it removes whatever netskin had there
 leftovers, older layouts) and writes the new state, so there is never a moment with two copies
 or with none. The sets are filled before the rules that use them: each is built under a
 temporary name and swapped in (``ipset swap`` is atomic), so a set left by a crashed run is
-replaced without a moment of being empty. They are destroyed after the rules are removed. Every
+replaced without a moment of being empty; they are destroyed after the rules are removed. Every
 call is bounded by a timeout. Rules go through the iptables CLI because this kernel's nftables
 has no native ``queue`` statement (iptables-nft reaches NFQUEUE through nft_compat).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
 import shlex
 import shutil
@@ -53,7 +59,8 @@ UP_CHAIN = "NETSKIN-UP"  # mangle PREROUTING: what enters from a VM → its upli
 DOWN_CHAIN = "NETSKIN-DOWN"  # mangle POSTROUTING: what leaves towards a VM → its downlink queue
 UP_PORTS_CHAIN = "NETSKIN-UP-PORTS"  # mangle: bridged packets, by the bridge port they came in on
 DOWN_PORTS_CHAIN = "NETSKIN-DOWN-PORTS"  # mangle: bridged packets, by the bridge port they go out of
-SET_PREFIX = "netskin-"  # ipsets: netskin-<queue>-v4 / -v6
+TREE_PREFIX = "NETSKIN-T"  # mangle: the chains of the interface-name trees (NETSKIN-TI-<hash>, ...)
+SET_PREFIX = "netskin-"  # ipsets: netskin-<downlink queue>-v4 / -v6
 TAG = "netskin"
 HOOKS = ("FORWARD", "INPUT", "OUTPUT")  # filter hooks jumping to CHAIN
 DEFAULT_TIMEOUT_S = 10.0
@@ -147,9 +154,6 @@ def firewall_counters(timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, dict]:
 
 # --- the sets: ipset restore text ------------------------------------------------------------
 
-_HALVES = {4: ("0.0.0.0/1", "128.0.0.0/1"), 6: ("::/1", "8000::/1")}  # every address, in two nets
-
-
 def set_name(queue: int, version: int) -> str:
     return f"{SET_PREFIX}{queue}-v{version}"
 
@@ -160,18 +164,15 @@ def _queues(vms: list[VmRules]) -> list[tuple[int, int]]:
 
 
 def set_names(vms: list[VmRules], versions: list[int]) -> list[str]:
-    return [set_name(queue, version) for pair in _queues(vms) for queue in pair for version in versions]
+    """One set per downlink queue and address family."""
+    return [set_name(down, version) for _, down in _queues(vms) for version in versions]
 
 
 def set_entries(vms: list[VmRules], queue: int, version: int) -> list[str]:
-    """The members of ``queue``'s set: ``net,iface`` for each VM interface feeding it (incoming
-    for an uplink queue, outgoing for a downlink one), and for a bridge port's downlink its
-    address on the bridge."""
+    """The members of downlink ``queue``'s set: each bridge port's address, with its bridge as the
+    outgoing device (what the host routes onto the bridge for the VM)."""
     entries: list[str] = []
     for vm in vms:
-        if queue not in (vm.uplink_queue, vm.downlink_queue):
-            continue
-        entries += [f"{net},{vm.interface}" for net in _HALVES[version]]  # hash:net takes no /0
         address = vm.address_for(version)
         if queue == vm.downlink_queue and vm.bridge and address:
             entries.append(f"{address}/{32 if version == 4 else 128},{vm.bridge}")
@@ -179,25 +180,75 @@ def set_entries(vms: list[VmRules], queue: int, version: int) -> list[str]:
 
 
 def render_sets(vms: list[VmRules], versions: list[int]) -> str:
-    """``ipset restore`` input that makes each queue's sets hold exactly ``vms``' entries: each is
-    filled under a temporary name and swapped in, so a set already in use is never empty."""
+    """``ipset restore`` input that makes each downlink queue's sets hold exactly ``vms``' entries:
+    each is filled under a temporary name and swapped in, so a set in use is never empty."""
     lines = []
-    for pair in _queues(vms):
-        for queue in pair:
-            for version in versions:
-                name = set_name(queue, version)
-                family = "inet" if version == 4 else "inet6"
-                entries = set_entries(vms, queue, version)
-                size = max(1024, 2 * len(entries))
-                create = f"hash:net,iface family {family} hashsize {size} maxelem {max(65536, 2 * len(entries))}"
-                temporary = f"{name}-new"
-                lines.append(f"create {temporary} {create} -exist")
-                lines.append(f"flush {temporary}")
-                lines += [f"add {temporary} {entry}" for entry in entries]
-                lines.append(f"create {name} {create} -exist")
-                lines.append(f"swap {temporary} {name}")
-                lines.append(f"destroy {temporary}")
+    for _, queue in _queues(vms):
+        for version in versions:
+            name, temporary = set_name(queue, version), f"{set_name(queue, version)}-new"
+            entries = set_entries(vms, queue, version)
+            family = "inet" if version == 4 else "inet6"
+            create = f"hash:net,iface family {family} hashsize 1024 maxelem {max(65536, 2 * len(entries))}"
+            lines.append(f"create {temporary} {create} -exist")
+            lines.append(f"flush {temporary}")
+            lines += [f"add {temporary} {entry}" for entry in entries]
+            lines.append(f"create {name} {create} -exist")
+            lines.append(f"swap {temporary} {name}")
+            lines.append(f"destroy {temporary}")
     return "\n".join(lines) + "\n" if lines else ""
+
+
+# --- the interface-name trees ----------------------------------------------------------------
+
+# Device matches take a name or a prefix ("tap+"). So the VMs' names become a radix tree of
+# chains: a chain holds, for one common prefix, the exact names that end there and one rule per
+# next character, either a VM's exact name or a jump to the chain of the longer common prefix.
+# A packet walks at most one rule per distinct next character at each level, and at most
+# IFNAMSIZ levels: a bound set by the names' alphabet and length, not by the number of VMs.
+_MATCHES = {  # kind → (rule text for a name or prefix, uplink?)
+    "i": ("-i {}", True),
+    "pi": ("-m physdev --physdev-in {}", True),
+    "o": ("-o {}", False),
+    "po": ("-m physdev --physdev-out {} --physdev-is-bridged", False),
+}
+
+
+def tree_chain(kind: str, prefix: str) -> str:
+    """The chain of ``kind``'s tree for names starting with ``prefix`` (27 characters at most)."""
+    return f"{TREE_PREFIX}{kind.upper()}-{hashlib.sha256(prefix.encode()).hexdigest()[:10]}"
+
+
+def _tree(kind: str, root: str, vms: list[VmRules], bypass: str) -> tuple[list[str], list[str]]:
+    """(chains below ``root``, rules) of the tree that sends each VM's packets to its queue."""
+    template, uplink = _MATCHES[kind]
+    by_name = {vm.interface: vm for vm in vms}
+    chains: list[str] = []
+    lines: list[str] = []
+
+    def leaf(chain: str, name: str) -> str:
+        vm = by_name[name]
+        queue, direction = (vm.uplink_queue, "uplink") if uplink else (vm.downlink_queue, "downlink")
+        return (f"-A {chain} {template.format(name)} -m comment --comment \"{TAG} vm={vm.name} {direction}\" "
+                f"-j NFQUEUE --queue-num {queue}{bypass}")
+
+    def build(chain: str, names: list[str], depth: int) -> None:
+        lines.extend(leaf(chain, name) for name in names if len(name) == depth)  # before longer ones
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            if len(name) > depth:
+                groups.setdefault(name[depth], []).append(name)
+        for group in groups.values():
+            if len(group) == 1:
+                lines.append(leaf(chain, group[0]))
+                continue
+            prefix = os.path.commonprefix(group)
+            child = tree_chain(kind, prefix)
+            chains.append(child)
+            lines.append(f"-A {chain} {template.format(prefix + '+')} -j {child}")
+            build(child, group, len(prefix))
+
+    build(root, sorted(by_name), 0)
+    return chains, lines
 
 
 # --- rendering: iptables-save text in, iptables-restore text out --------------------------------
@@ -269,7 +320,7 @@ def _transaction(mangle: list[str], filter_: list[str]) -> str:
 
 def _is_ours(table: str, chain: str) -> bool:
     if table == "mangle":
-        return chain in (CHAIN, UP_CHAIN, DOWN_CHAIN, UP_PORTS_CHAIN, DOWN_PORTS_CHAIN)
+        return chain == CHAIN or chain.startswith(f"{CHAIN}-")
     return chain == CHAIN or (table == "filter" and firewall.is_firewall_chain(chain))
 
 
@@ -288,29 +339,31 @@ def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open
     table = table or SavedTable()
     lines = _jumps_into_ours("mangle", table)
     existing = [chain for chain in table.chains if _is_ours("mangle", chain)]
-    wanted = (UP_CHAIN, DOWN_CHAIN, UP_PORTS_CHAIN, DOWN_PORTS_CHAIN) if vms else ()
-    # Ours are flushed (declaring a chain flushes it) before any is deleted: they jump to each other.
-    lines += [f":{chain} - [0:0]" for chain in existing if chain not in wanted]
-    lines += [f"-X {chain}" for chain in existing if chain not in wanted]
     if not vms:
-        return lines
+        # Every one flushed (declaring a chain flushes it) before any is deleted: they jump to each other.
+        return lines + [f":{chain} - [0:0]" for chain in existing] + [f"-X {chain}" for chain in existing]
     bypass = " --queue-bypass" if fail_open else ""
-    lines += [f":{chain} - [0:0]" for chain in wanted]
-    # One set rule per queue: the kernel looks the packet's device up in a hash.
-    for up, down in _queues(vms):
-        lines.append(f'-A {UP_CHAIN} -m set --match-set {set_name(up, version)} src,src '
-                     f'-m comment --comment "{TAG} uplink" -j NFQUEUE --queue-num {up}{bypass}')
-        lines.append(f'-A {DOWN_CHAIN} -m set --match-set {set_name(down, version)} dst,dst '
-                     f'-m comment --comment "{TAG} downlink" -j NFQUEUE --queue-num {down}{bypass}')
-    # Bridged packets: in PREROUTING a bridge port is known for bridged and routed packets alike;
-    # in POSTROUTING only for bridged ones (routed ones matched the set by address above).
+    up_chains, up_lines = _tree("i", UP_CHAIN, vms, bypass)
+    up_port_chains, up_port_lines = _tree("pi", UP_PORTS_CHAIN, vms, bypass)
+    down_chains, down_lines = _tree("o", DOWN_CHAIN, vms, bypass)
+    down_port_chains, down_port_lines = _tree("po", DOWN_PORTS_CHAIN, vms, bypass)
+    wanted = [UP_CHAIN, DOWN_CHAIN, UP_PORTS_CHAIN, DOWN_PORTS_CHAIN,
+              *up_chains, *up_port_chains, *down_chains, *down_port_chains]
+    stale = [chain for chain in existing if chain not in wanted]
+    lines += [f":{chain} - [0:0]" for chain in wanted] + [f":{chain} - [0:0]" for chain in stale]
+    lines += [f"-X {chain}" for chain in stale]
+    # Routed taps and veths by their device; packets that crossed a bridge port by the port.
+    lines += up_lines
     lines.append(f'-A {UP_CHAIN} -m physdev --physdev-is-in -m comment --comment "{TAG}" -j {UP_PORTS_CHAIN}')
+    lines += up_port_lines
+    lines += down_lines
+    # Routed by the host onto a VM's bridge: the port is chosen after POSTROUTING, so the VM is
+    # told by its address on that bridge, looked up in the queue's set.
+    for _, down in _queues(vms):
+        lines.append(f'-A {DOWN_CHAIN} -m set --match-set {set_name(down, version)} dst,dst '
+                     f'-m comment --comment "{TAG} downlink routed onto a bridge" -j NFQUEUE --queue-num {down}{bypass}')
     lines.append(f'-A {DOWN_CHAIN} -m physdev --physdev-is-bridged -m comment --comment "{TAG}" -j {DOWN_PORTS_CHAIN}')
-    for vm in vms:
-        up = f'-m comment --comment "{TAG} vm={vm.name} uplink" -j NFQUEUE --queue-num {vm.uplink_queue}{bypass}'
-        down = f'-m comment --comment "{TAG} vm={vm.name} downlink" -j NFQUEUE --queue-num {vm.downlink_queue}{bypass}'
-        lines.append(f"-A {UP_PORTS_CHAIN} -m physdev --physdev-in {vm.interface} {up}")
-        lines.append(f"-A {DOWN_PORTS_CHAIN} -m physdev --physdev-out {vm.interface} --physdev-is-bridged {down}")
+    lines += down_port_lines
     # Appended: the host's mangle rules in these chains (TCPMSS clamping, marks) run first, since
     # a packet the daemon accepts leaves mangle's chain at the queue.
     lines.append(f'-A PREROUTING -m comment --comment "{TAG}" -j {UP_CHAIN}')
