@@ -21,7 +21,7 @@ import trio
 
 from interceptor.compiled import CompiledSkin
 from interceptor.engine import ACCEPT, DROP_ERROR, Drop
-from interceptor.engine.classify import Classifier
+from interceptor.engine.classify import Classifier, destination_of
 from interceptor.engine.path import HELD, Engine, Rewrite, SendIcmp, VmPath
 from interceptor.inject import Injector
 from interceptor.nfqueue import Queue
@@ -115,7 +115,7 @@ class Shell:
         apply = self._apply
         on_error = self._on_error
         by_index = self.classifier.by_index  # updated in place when indexes change
-        classify_down = self.classifier.downlink
+        by_address = self.classifier.by_address
         unknown = self._unknown
         faults = self.faults
         fault_injection = self.fault_injection
@@ -157,14 +157,12 @@ class Shell:
             def handle(packet) -> None:
                 path = by_index.get(packet.outdev)
                 if path is None:
-                    # Bridged (the port), or routed onto a bridge (the destination address).
-                    try:
-                        path = classify_down(0, packet.physoutdev, packet.get_payload())
-                    except Exception:  # noqa: BLE001
-                        path = None
-                    if path is None:
-                        unknown(packet)
-                        return
+                    path = by_index.get(packet.physoutdev)  # bridged: the port
+                    if path is None:  # routed onto a VM's bridge: its destination address
+                        path = by_address.get(destination_of(packet.get_payload()))
+                        if path is None:
+                            unknown(packet)
+                            return
                 try:
                     if fault_injection and faults.get(path.name):
                         _inject_fault(faults, path.name)
