@@ -289,7 +289,11 @@ class Harness:
         backlog = sorted(late_samples)[len(late_samples) // 2] if late_samples else 0
         sent, received = report["end"]["sum_sent"], report["end"]["sum_received"]
         arrived = received["packets"] - received["lost_packets"]
+        cpu = report["end"].get("cpu_utilization_percent", {})
         return {
+            # The sender's own CPU in the kernel (% of the run): a packet's PREROUTING, including
+            # netskin's steering rules, runs in the softirq of the sender's send call.
+            "sender_system_percent": cpu.get("host_system"),
             "offered_pps": pps,
             "sent": sent["packets"],
             "received": arrived,

@@ -3,14 +3,19 @@
 The daemon runs with 1, 100 and 500 configured VMs: the lab's measured VM is listed last, after
 idle VMs whose interfaces do not exist (configured, never applied to). For each count it floods
 the measured VM's uplink at the CPU-measuring rate and reads, per queued packet, the CPU time of
-the whole machine (every core, softirqs included: where the kernel's rule walk shows) and of the
-daemon process, and how long the daemon took from exec to answering its control socket. The
-counts are interleaved over the rounds so drift on a shared machine spreads over all of them;
-medians are reported, with ratios against the 1-VM figure.
+the whole machine (every core, softirqs included), of the daemon process (which also pays, in
+the kernel, for the packet's way on after its verdict: FORWARD and POSTROUTING, where the
+downlink steering rules are walked) and the sender's time in the kernel (the packet's
+PREROUTING, where the uplink steering rules are walked, runs in the softirq of its send call),
+and how long the daemon took from exec to answering its control socket. The whole-machine
+figure takes in everything else the machine runs, so on a shared machine it is the noisiest;
+the daemon's and the sender's are attributable. The counts are interleaved over the rounds so
+drift spreads over all of them; medians are reported, with ratios against the 1-VM figure.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -19,6 +24,7 @@ from bench.harness import Harness, cpu_seconds, machine_cpu_seconds
 from bench.stats import median
 
 COUNTS = (1, 100, 500)
+KEYS = ("machine_us_per_packet", "daemon_us_per_packet", "sender_kernel_us_per_packet")
 START_TIMEOUT_S = 120.0
 
 
@@ -54,9 +60,11 @@ def measure_one(h: Harness, count: int, pps: int, seconds: float) -> dict:
     finally:
         h.daemon_config = config
     per_packet = (lambda s: 1e6 * s / queued if queued else float("nan"))
+    sender_s = (flood["sender_system_percent"] or float("nan")) / 100 * flood["seconds"]
     return {"vms": count, "start_s": start_s, "queued": queued, "loss": flood["loss"],
             "machine_us_per_packet": per_packet(machine1 - machine0),
             "daemon_us_per_packet": per_packet(cpu1 - cpu0),
+            "sender_kernel_us_per_packet": 1e6 * sender_s / flood["sent"] if flood["sent"] else float("nan"),
             "unclassified": status["host"].get("unclassified_packets")}
 
 
@@ -68,11 +76,12 @@ def measure(h: Harness, pps: int, seconds: float, rounds: int, step=print) -> di
             runs[count].append(measure_one(h, count, pps, seconds))
     summary = {}
     for count, results in runs.items():
-        summary[count] = {key: median([r[key] for r in results])
-                          for key in ("machine_us_per_packet", "daemon_us_per_packet", "start_s")}
+        # A run whose figure is missing (iperf3 reported no CPU use) is left out, not counted as 0.
+        summary[count] = {key: median([r[key] for r in results if math.isfinite(r[key])] or [math.nan])
+                          for key in ("start_s", *KEYS)}
     one = summary[COUNTS[0]]
     for count in COUNTS:
-        for key in ("machine_us_per_packet", "daemon_us_per_packet"):
+        for key in KEYS:
             summary[count][key.replace("us_per_packet", "ratio")] = summary[count][key] / one[key]
     return {"pps": pps, "seconds": seconds, "rounds": rounds, "summary": summary, "runs": runs}
 
@@ -82,11 +91,12 @@ def rows(result: dict) -> list[dict]:
     out = []
     for count, s in result["summary"].items():
         out.append({
-            "metric": f"{count} configured VM(s): CPU per packet, machine / daemon",
-            "measured": (f"{s['machine_us_per_packet']:.1f} µs ({s['machine_ratio']:.2f}×) / "
-                         f"{s['daemon_us_per_packet']:.1f} µs ({s['daemon_ratio']:.2f}×); "
+            "metric": f"{count} configured VM(s): CPU per packet, daemon / sender's kernel / machine",
+            "measured": (f"{s['daemon_us_per_packet']:.1f} µs ({s['daemon_ratio']:.2f}×) / "
+                         f"{s['sender_kernel_us_per_packet']:.1f} µs ({s['sender_kernel_ratio']:.2f}×) / "
+                         f"{s['machine_us_per_packet']:.1f} µs ({s['machine_ratio']:.2f}×); "
                          f"start {s['start_s']:.1f} s"),
-            "goal": "within 10 % of 1 VM",
-            "met": s["machine_ratio"] <= 1.10 and s["daemon_ratio"] <= 1.10,
+            "goal": "within 10 % of 1 VM (daemon, sender)",
+            "met": s["daemon_ratio"] <= 1.10 and s["sender_kernel_ratio"] <= 1.10,
         })
     return out
