@@ -598,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                              "vms = CPU per packet with 1, 100 and 500 configured VMs")
     parser.add_argument("--rounds", type=int, default=None,
                         help="--only vms: rounds over the VM counts (default 3, quick 2)")
+    parser.add_argument("--profiles", action="store_true",
+                        help="--only vms: every VM configured with a skin that has a firewall profile")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.only == "pause":
@@ -623,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import vms
 
                 results.vms = vms.measure(harness, plan.cpu_pps, plan.cpu_seconds,
-                                          args.rounds or (2 if plan.quick else 3), step)
+                                          args.rounds or (2 if plan.quick else 3), step, args.profiles)
             else:
                 measure(harness, plan, results)
         finally:

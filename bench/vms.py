@@ -7,7 +7,9 @@ the whole machine (every core, softirqs included), of the daemon process (which 
 the kernel, for the packet's way on after its verdict: FORWARD and POSTROUTING, where the
 downlink steering rules are walked) and the sender's time in the kernel (the packet's
 PREROUTING, where the uplink steering rules are walked, runs in the softirq of its send call),
-and how long the daemon took from exec to answering its control socket. The whole-machine
+and how long the daemon took from exec to answering its control socket. With ``--profiles``
+every VM is configured with a skin that has the firewall profile ``standard``, so the filter
+table holds every VM's jumps and chains as well. The whole-machine
 figure takes in everything else the machine runs, so on a shared machine it is the noisiest;
 the daemon's and the sender's are attributable. The counts are interleaved over the rounds so
 drift spreads over all of them; medians are reported, with ratios against the 1-VM figure.
@@ -28,22 +30,28 @@ KEYS = ("machine_us_per_packet", "daemon_us_per_packet", "sender_kernel_us_per_p
 START_TIMEOUT_S = 120.0
 
 
-def config_with(h: Harness, count: int) -> Path:
-    """The bench's host config with only the measured VM, listed after ``count - 1`` idle VMs."""
+FIREWALL_SKIN = {"name": "bench-vms-firewall", "security_profile": "standard"}
+
+
+def config_with(h: Harness, count: int, profiled: bool = False) -> Path:
+    """The bench's host config with only the measured VM, listed after ``count - 1`` idle VMs;
+    ``profiled``: every VM configured with a skin that has a firewall profile."""
     text = h.daemon_config.read_text()
     head, _, tables = text.partition("\n[vms.")
     measured = re.search(rf"(?ms)^\[vms\.{re.escape(h.vm.name)}\]\n.*?(?=^\[|\Z)", "[vms." + tables)
     if measured is None:
         raise RuntimeError(f"{h.daemon_config}: no [vms.{h.vm.name}] table")
-    idle = "".join(f'[vms.idle{i}]\ninterface = "idle{i}"\naddress = "10.200.{i // 250}.{i % 250 + 1}"\n\n'
+    skin = f'skin = "{FIREWALL_SKIN["name"]}"\n' if profiled else ""
+    idle = "".join(f'[vms.idle{i}]\ninterface = "idle{i}"\naddress = "10.200.{i // 250}.{i % 250 + 1}"\n{skin}\n'
                    for i in range(count - 1))
-    path = h.workdir / f"bench-{count}-vms.toml"
-    path.write_text(head + "\n\n" + idle + measured.group(0))
+    table = measured.group(0).replace("]\n", "]\n" + skin, 1)
+    path = h.workdir / f"bench-{count}-vms{'-profiled' if profiled else ''}.toml"
+    path.write_text(head + "\n\n" + idle + table)
     return path
 
 
-def measure_one(h: Harness, count: int, pps: int, seconds: float) -> dict:
-    config, h.daemon_config = h.daemon_config, config_with(h, count)
+def measure_one(h: Harness, count: int, pps: int, seconds: float, profiled: bool = False) -> dict:
+    config, h.daemon_config = h.daemon_config, config_with(h, count, profiled)
     try:
         started = time.monotonic()
         daemon = h.start_daemon(timeout_s=START_TIMEOUT_S)
@@ -68,12 +76,15 @@ def measure_one(h: Harness, count: int, pps: int, seconds: float) -> dict:
             "unclassified": status["host"].get("unclassified_packets")}
 
 
-def measure(h: Harness, pps: int, seconds: float, rounds: int, step=print) -> dict:
+def measure(h: Harness, pps: int, seconds: float, rounds: int, step=print, profiled: bool = False) -> dict:
+    if profiled:
+        h.add_skins([FIREWALL_SKIN])
     runs: dict[int, list[dict]] = {count: [] for count in COUNTS}
     for round_ in range(rounds):
         for count in COUNTS:
-            step(f"VM count {count} (round {round_ + 1}/{rounds}): CPU per packet at {pps} pkt/s")
-            runs[count].append(measure_one(h, count, pps, seconds))
+            step(f"VM count {count}{', every VM with a firewall profile' if profiled else ''} "
+                 f"(round {round_ + 1}/{rounds}): CPU per packet at {pps} pkt/s")
+            runs[count].append(measure_one(h, count, pps, seconds, profiled))
     summary = {}
     for count, results in runs.items():
         # A run whose figure is missing (iperf3 reported no CPU use) is left out, not counted as 0.
@@ -83,7 +94,8 @@ def measure(h: Harness, pps: int, seconds: float, rounds: int, step=print) -> di
     for count in COUNTS:
         for key in KEYS:
             summary[count][key.replace("us_per_packet", "ratio")] = summary[count][key] / one[key]
-    return {"pps": pps, "seconds": seconds, "rounds": rounds, "summary": summary, "runs": runs}
+    return {"pps": pps, "seconds": seconds, "rounds": rounds, "profiled": profiled, "summary": summary,
+            "runs": runs}
 
 
 def rows(result: dict) -> list[dict]:
@@ -91,7 +103,8 @@ def rows(result: dict) -> list[dict]:
     out = []
     for count, s in result["summary"].items():
         out.append({
-            "metric": f"{count} configured VM(s): CPU per packet, daemon / sender's kernel / machine",
+            "metric": (f"{count} configured VM(s){' with firewall profiles' if result.get('profiled') else ''}: "
+                       f"CPU per packet, daemon / sender's kernel / machine"),
             "measured": (f"{s['daemon_us_per_packet']:.1f} µs ({s['daemon_ratio']:.2f}×) / "
                          f"{s['sender_kernel_us_per_packet']:.1f} µs ({s['sender_kernel_ratio']:.2f}×) / "
                          f"{s['machine_us_per_packet']:.1f} µs ({s['machine_ratio']:.2f}×); "
