@@ -666,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"Note: {note}")
     kind = f"{args.only} row" if args.only else "quick" if plan.quick else "full"
     out.print(f"{kind} run, {results.runtime_s:.0f} s, "
-              f"daemon fail_mode = closed, 1 VM, {os.cpu_count()} cores")
+              f"daemon fail_mode = closed, {'1, 100 and 500 VMs' if args.only == 'vms' else '1 VM'}, "
+              f"{os.cpu_count()} cores")
     if args.json:
         args.json.write_text(json.dumps(asdict(results), indent=2, default=str) + "\n")
     return 0
