@@ -340,9 +340,12 @@ class Daemon:
             with trio.move_on_after(INDEXES_INTERVAL_S):
                 await self.shell.indexes_wanted.wait()
             self.shell.indexes_wanted = trio.Event()
-            indexes = await trio.to_thread.run_sync(_interface_indexes)
-            if self.shell.set_indexes(indexes):
-                log.info("VM interface indexes now %s", self.shell.classifier.indexes)
+            before = self.shell.classifier.indexes
+            if self.shell.set_indexes(await trio.to_thread.run_sync(_interface_indexes)):
+                after = self.shell.classifier.indexes
+                log.info("VM interface indexes changed: %s", {
+                    name: (before.get(name), after.get(name)) for name in before.keys() | after.keys()
+                    if before.get(name) != after.get(name)})
             await trio.sleep(INDEXES_MIN_INTERVAL_S)
 
     async def _measure_conditions(self) -> None:
