@@ -1,11 +1,11 @@
 """The benchmark's baseline: the barest NFQUEUE accept loop netfilterqueue allows.
 
-Binds the queue numbers the daemon would bind (``queue_base + 2*i`` uplink, ``+1`` downlink),
-with the daemon's queue length and socket buffer, installs netskin's own rules for them, and
-accepts every packet in the callback, served by the blocking ``run()`` (the fastest form). The
-first VM's uplink queue, which carries the benchmark's traffic, is served on the main thread;
-the other queues (a few control packets) on threads that block the stop signals, so SIGTERM
-always lands on the main thread, interrupts its ``recv`` and removes the rules.
+Binds the queue pair the daemon would bind (``queue_base`` uplink, ``+1`` downlink, shared by
+all VMs), with the daemon's queue length and socket buffer, installs netskin's own rules for the
+VMs given, and accepts every packet in the callback, served by the blocking ``run()`` (the
+fastest form). The uplink queue, which carries the benchmark's traffic, is served on the main
+thread; the downlink queue (a few control packets) on a thread that blocks the stop signals, so
+SIGTERM always lands on the main thread, interrupts its ``recv`` and removes the rules.
 
 Run inside the namespace the daemon would run in:
 
@@ -46,16 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     queues: list[NetfilterQueue] = []
-    steering: list[rules.VmRules] = []
-    for index, interface in enumerate(args.interface):
-        uplink, downlink = args.queue_base + 2 * index, args.queue_base + 2 * index + 1
-        for number in (uplink, downlink):
-            queue = NetfilterQueue()
-            queue.bind(number, accept, max_len=MAX_LEN, mode=COPY_PACKET, sock_len=SOCK_LEN)
-            if args.fail_open:
-                set_fail_open(queue.get_fd(), number)
-            queues.append(queue)
-        steering.append(rules.VmRules(f"vm{index + 1}", interface, uplink, downlink))
+    uplink, downlink = args.queue_base, args.queue_base + 1
+    for number in (uplink, downlink):
+        queue = NetfilterQueue()
+        queue.bind(number, accept, max_len=MAX_LEN, mode=COPY_PACKET, sock_len=SOCK_LEN)
+        if args.fail_open:
+            set_fail_open(queue.get_fd(), number)
+        queues.append(queue)
+    steering = [rules.VmRules(f"vm{index + 1}", interface, uplink, downlink)
+                for index, interface in enumerate(args.interface)]
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -45,6 +45,13 @@ class QueueCounters:
     backlog: int  # queue_total: handed over (or waiting to be) and not verdicted yet
 
 
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (all cores, all processes, softirqs included)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS_PER_S
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process (all its threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -142,14 +149,14 @@ class Harness:
         self.hv_pid = proc.pid
         return proc
 
-    def start_daemon(self) -> subprocess.Popen:
+    def start_daemon(self, timeout_s: float = 15.0) -> subprocess.Popen:
         log = open(self.workdir / "interceptor.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "interceptor", "--config", str(self.daemon_config)],
                                 cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT)
         log.close()
         self._procs.append(proc)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
                 raise BenchError(f"the daemon exited with {proc.returncode}: {self.daemon_log()}")
@@ -159,7 +166,8 @@ class Harness:
                 return proc
             except control.DaemonUnreachable:
                 if time.monotonic() > deadline:
-                    raise BenchError(f"the daemon did not answer within 15 s: {self.daemon_log()}") from None
+                    raise BenchError(f"the daemon did not answer within {timeout_s:.0f} s: "
+                                     f"{self.daemon_log()}") from None
                 time.sleep(0.05)
 
     def stop_daemon(self, proc: subprocess.Popen) -> None:
@@ -281,7 +289,11 @@ class Harness:
         backlog = sorted(late_samples)[len(late_samples) // 2] if late_samples else 0
         sent, received = report["end"]["sum_sent"], report["end"]["sum_received"]
         arrived = received["packets"] - received["lost_packets"]
+        cpu = report["end"].get("cpu_utilization_percent", {})
         return {
+            # The sender's own CPU in the kernel (% of the run): a packet's PREROUTING, including
+            # netskin's steering rules, runs in the softirq of the sender's send call.
+            "sender_system_percent": cpu.get("host_system"),
             "offered_pps": pps,
             "sent": sent["packets"],
             "received": arrived,

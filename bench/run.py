@@ -13,7 +13,10 @@ run, so every ratio compares numbers taken on the same machine minutes apart:
 - the data path's longest pause while skin files are rewritten and applies run (``bench.pause``;
   in the full run, or alone with ``--only pause``);
 - trace-driven links: saturating UDP per one-second window through shipped Mahimahi traces
-  against each trace's capacity (``bench.trace``; in every run, or alone with ``--only trace``).
+  against each trace's capacity (``bench.trace``; in every run, or alone with ``--only trace``);
+- cost against the number of VMs: CPU per packet of the whole machine and of the daemon with 1,
+  100 and 500 configured VMs, the measured one listed last (``bench.vms``; alone with
+  ``--only vms``).
 
 The daemon runs with ``fail_mode = closed`` here: when it cannot keep up the kernel drops, and
 the drop is measured, instead of letting packets bypass it unseen.
@@ -268,6 +271,7 @@ class Results:
     jitter: dict = field(default_factory=dict)
     trace: dict = field(default_factory=dict)
     timeline: dict = field(default_factory=dict)
+    vms: dict = field(default_factory=dict)
     summary: list = field(default_factory=list)
     summary_markdown: str = ""
     notes: list = field(default_factory=list)
@@ -588,9 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rates (about 2 minutes)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the lab's logs and configs")
-    parser.add_argument("--only", choices=["pause", "trace"],
+    parser.add_argument("--only", choices=["pause", "trace", "vms"],
                         help="run only this row: pause = the data path's longest pause under skin churn, "
-                             "trace = throughput per second through the shipped traces")
+                             "trace = throughput per second through the shipped traces, "
+                             "vms = CPU per packet with 1, 100 and 500 configured VMs")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="--only vms: rounds over the VM counts (default 3, quick 2)")
+    parser.add_argument("--profiles", action="store_true",
+                        help="--only vms: every VM configured with a skin that has a firewall profile")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.only == "pause":
@@ -612,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
                 measure_pause_row(harness, plan.pause, results)
             elif args.only == "trace":
                 measure_trace_row(harness, plan.trace, results)
+            elif args.only == "vms":
+                from bench import vms
+
+                results.vms = vms.measure(harness, plan.cpu_pps, plan.cpu_seconds,
+                                          args.rounds or (2 if plan.quick else 3), step, args.profiles)
             else:
                 measure(harness, plan, results)
         finally:
@@ -632,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         summarize_pause(results)
     if results.trace:
         summarize_trace(results)
+    if results.vms:
+        from bench import vms
+
+        results.summary.extend(vms.rows(results.vms))
     if results.timeline:
         from bench import timeline
 
@@ -648,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"Note: {note}")
     kind = f"{args.only} row" if args.only else "quick" if plan.quick else "full"
     out.print(f"{kind} run, {results.runtime_s:.0f} s, "
-              f"daemon fail_mode = closed, 1 VM, {os.cpu_count()} cores")
+              f"daemon fail_mode = closed, {'1, 100 and 500 VMs' if args.only == 'vms' else '1 VM'}, "
+              f"{os.cpu_count()} cores")
     if args.json:
         args.json.write_text(json.dumps(asdict(results), indent=2, default=str) + "\n")
     return 0

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -46,6 +47,8 @@ DNS_PROBE_TIMEOUT_S = 1.0
 RULES_TIMEOUT_S = 10.0
 SWITCH_INTERVAL_S = 0.0005
 FIREWALL_COUNTERS_MAX_AGE_S = 0.5
+INDEXES_INTERVAL_S = 1.0  # the VM interfaces' indexes are read again at least this often...
+INDEXES_MIN_INTERVAL_S = 0.05  # ...and at most this often (on packets of unknown devices)
 FAULT_INJECTION_ENV = "NETSKIN_FAULT_INJECTION"  # "1": the control socket takes "fault" (tests)
 
 
@@ -99,8 +102,8 @@ class Daemon:
     def prepare(self) -> None:
         """Compile every VM's skin, bind its queues and bring its identity in line."""
         self._library_stamp = self.library.stamp()
-        for index, (name, vm) in enumerate(self.config.vms.items()):
-            up, down = self.config.queue_numbers(index)
+        up, down = self.config.queue_numbers(0)  # one engine: all VMs share the first queue pair
+        for name, vm in self.config.vms.items():
             assignment = self.store.load(name)
             if assignment is None:
                 assignment = Assignment(vm=name)
@@ -119,7 +122,8 @@ class Daemon:
                 log.error("vm %s: skin %r cannot be compiled (%s); running it without a skin", name,
                           assignment.active.name if assignment.active else None, "; ".join(exc.lines))
                 compiled = NO_SKIN
-            self.shell.add_vm(name, vm.interface, up, down)
+            self.shell.add_vm(name, vm.interface, up, down,
+                              addresses=(str(vm.address), str(vm.address6) if vm.address6 else None))
             if self._stamp_timeline(assignment, compiled):
                 self.store.save(assignment)
             self.shell.paths[name].set_skin(compiled, assignment.generation,
@@ -129,6 +133,8 @@ class Daemon:
             self._apply_identity(name, reconcile.reconcile(self._identity_job(name)))
             log.info("vm %s: queues %d/%d, skin %r generation %d", name, up, down, compiled.name,
                      assignment.generation)
+        self.shell.bind(up, down)
+        self.shell.set_indexes(_interface_indexes())
 
     def _copy(self, name: str) -> SkinCopy:
         """A copy of the library's valid skin ``name`` (``UserError`` if unknown or invalid)."""
@@ -278,6 +284,7 @@ class Daemon:
                 nursery.start_soon(self._watch_dns_servers)
                 nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._measure_conditions)
+                nursery.start_soon(self._watch_interfaces)
                 sdnotify.notify("READY=1", f"STATUS=enforcing skins on {len(self.shell.paths)} VM(s), "
                                            f"fail_mode={self.config.fail_mode}")
                 log.info("netskin-interceptor ready: %d VM(s), fail_mode=%s", len(self.shell.paths),
@@ -337,6 +344,22 @@ class Daemon:
         while True:
             sdnotify.notify("WATCHDOG=1")
             await trio.sleep(interval / 2)
+
+    async def _watch_interfaces(self) -> None:
+        """Keep the shell's device index → VM map right: a VM's tap recreated (the VM restarted)
+        comes back with a new index. Read every second, and soon after a packet of a device no VM
+        has (the shell asks for it)."""
+        while True:
+            with trio.move_on_after(INDEXES_INTERVAL_S):
+                await self.shell.indexes_wanted.wait()
+            self.shell.indexes_wanted = trio.Event()
+            before = self.shell.classifier.indexes
+            if self.shell.set_indexes(await trio.to_thread.run_sync(_interface_indexes)):
+                after = self.shell.classifier.indexes
+                log.info("VM interface indexes changed: %s", {
+                    name: (before.get(name), after.get(name)) for name in before.keys() | after.keys()
+                    if before.get(name) != after.get(name)})
+            await trio.sleep(INDEXES_MIN_INTERVAL_S)
 
     async def _measure_conditions(self) -> None:
         """Once a second: hand each pipe's counters and hold-time samples to its window. A new
@@ -595,6 +618,7 @@ class Daemon:
             "host_uplink_kbps": self.config.host_uplink_kbps,
             "shared_uplink": {str(k): v for k, v in link.snapshot().items()} if link else None,
             "held_packets": self.shell.held_packets,
+            "unclassified_packets": self.shell.unclassified,
             "errors": sum(self.shell.errors.values()),
         }
 
@@ -656,6 +680,11 @@ class Daemon:
         started = self.assignments[vm].timeline or {}
         position["start_unix_ns"] = started.get("start_unix_ns")
         return position
+
+
+def _interface_indexes() -> dict[str, int]:
+    """The kernel's interface name → index map (of the network namespace the daemon runs in)."""
+    return {name: index for index, name in socket.if_nameindex()}
 
 
 async def _dns_answers(server: str) -> bool:

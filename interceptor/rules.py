@@ -1,10 +1,24 @@
 """Netfilter rules netskin owns: steering into NFQUEUE (mangle) and the VMs' firewalls (filter).
 
-Steering, in the mangle table: chain ``NETSKIN-UP``, appended to PREROUTING, sends what enters
-from a VM (its interface, or its bridge port: physdev) to the VM's uplink queue; chain
-``NETSKIN-DOWN``, appended to POSTROUTING, sends what leaves towards a VM to its downlink queue:
-out of its interface, bridged out of its port (physdev), or routed by the host onto the VM's
-bridge for the VM's address (a routed packet's bridge port is not known yet in POSTROUTING).
+Steering, in the mangle table, costs a packet the same whatever the number of VMs. Chain
+``NETSKIN-UP``, appended to PREROUTING, sends what enters from a VM to its group's uplink queue;
+chain ``NETSKIN-DOWN``, appended to POSTROUTING, sends what leaves towards a VM to its group's
+downlink queue. A group of VMs (today: all of them) shares one queue pair, and the daemon tells
+the VMs apart by the packet's devices (``interceptor.engine.classify``).
+
+A device match takes an exact name or a prefix (``tap+``), so the VMs' interface names are laid
+out as a radix tree of chains (``NETSKIN-TI-<hash>`` and its kin): each chain covers one common
+prefix and holds a rule per next character, so a packet walks a few rules per level of the name,
+however many VMs there are. There are four trees: the incoming device (a routed tap or veth) in
+``NETSKIN-UP``; the outgoing device in ``NETSKIN-DOWN``; and, entered only by packets that
+crossed a bridge (``--physdev-is-in``, ``--physdev-is-bridged``), the bridge port in
+``NETSKIN-UP-PORTS`` and ``NETSKIN-DOWN-PORTS``. A packet the host routes onto a VM's bridge has
+no port yet in POSTROUTING; it is matched by its destination in an ipset of type
+``hash:net,iface`` per downlink queue (``netskin-<queue>-v4`` / ``-v6``: each bridge port's
+address with its bridge), one hash lookup. (An ipset keyed by the interface alone does not scale:
+``hash:net,iface`` hashes only the net, so every VM's "any address" entry lands in one bucket of
+at most 64, and its ``physdev:`` entries are never matched from iptables.)
+
 So every layout is seen, in both directions, and a packet between two VMs meets the sender's
 uplink and then the receiver's downlink. Uplink steering runs before the filter table and
 downlink steering after it; either way a packet the daemon accepts goes on through the rest of
@@ -23,17 +37,21 @@ Firewall: chain ``NETSKIN`` in the filter table, inserted at position 1 of FORWA
 OUTPUT, holds only jumps to the per-VM chains of VMs that wear a profile (``interceptor.firewall``
 renders them). They RETURN what the profile allows, so the host's rules still apply after them.
 
-Every change is one ``iptables-restore --noflush`` transaction per address family, computed from
-the current ``iptables-save`` output: it removes whatever netskin had there (a killed run's
-leftovers, the old single-chain layout) and writes the new state, so there is never a moment
-with two copies or with none. Every call is bounded by a timeout. Rules go through the iptables
-CLI because this kernel's nftables has no native ``queue`` statement (iptables-nft reaches
-NFQUEUE through nft_compat).
+Every rule change is one ``iptables-restore --noflush`` transaction per address family, computed
+from the current ``iptables-save`` output: it removes whatever netskin had there (a killed run's
+leftovers, older layouts) and writes the new state, so there is never a moment with two copies
+or with none. The sets are filled before the rules that use them: each is built under a
+temporary name and swapped in (``ipset swap`` is atomic), so a set left by a crashed run is
+replaced without a moment of being empty; they are destroyed after the rules are removed. Every
+call is bounded by a timeout. Rules go through the iptables CLI because this kernel's nftables
+has no native ``queue`` statement (iptables-nft reaches NFQUEUE through nft_compat).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
 import shlex
 import shutil
@@ -50,6 +68,10 @@ DOWN_CHAIN = "NETSKIN-DOWN"  # mangle POSTROUTING: what leaves towards a VM → 
 SEEN_CHAIN = "NETSKIN-SEEN"  # mangle FORWARD and INPUT: clear the steering mark bit
 SEEN_HOOKS = ("FORWARD", "INPUT")
 DEFAULT_MARK = 0x0010_0000
+UP_PORTS_CHAIN = "NETSKIN-UP-PORTS"  # mangle: bridged packets, by the bridge port they came in on
+DOWN_PORTS_CHAIN = "NETSKIN-DOWN-PORTS"  # mangle: bridged packets, by the bridge port they go out of
+TREE_PREFIX = "NETSKIN-T"  # mangle: the chains of the interface-name trees (NETSKIN-TI-<hash>, ...)
+SET_PREFIX = "netskin-"  # ipsets: netskin-<downlink queue>-v4 / -v6
 TAG = "netskin"
 HOOKS = ("FORWARD", "INPUT", "OUTPUT")  # filter hooks jumping to CHAIN
 DEFAULT_TIMEOUT_S = 10.0
@@ -88,9 +110,15 @@ def install(vms: list[VmRules], fail_open: bool, mark: int = DEFAULT_MARK, timeo
     """Steering and every VM's firewall chains, replacing whatever netskin had installed."""
     _check(vms)
     deadline = _Deadline(timeout_s)
-    for save, restore, version in _family_tools():
+    families = _family_tools()
+    if vms:
+        _ipset_restore(render_sets(vms, [version for _, _, version in families]), deadline)
+    for save, restore, version in families:
         saved = _run([save], timeout_s=deadline.left())
         _restore(restore, render_install(saved, vms, fail_open, version, mark), deadline)
+    # Sets of an earlier configuration (another queue_base) are no longer referenced: drop them.
+    wanted = set(set_names(vms, [version for _, _, version in families]))
+    _destroy_sets([name for name in _our_sets(deadline) if name not in wanted], deadline)
 
 
 def set_profile(vm: VmRules, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -110,7 +138,9 @@ def remove_steering(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
         text = render_remove_steering(_run([save], timeout_s=deadline.left()))
         found |= bool(text)
         _restore(restore, text, deadline)
-    return found
+    sets = _our_sets(deadline)  # after the rules: a set in use cannot be destroyed
+    _destroy_sets(sets, deadline)
+    return found or bool(sets)
 
 
 def remove(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
@@ -121,7 +151,9 @@ def remove(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
         text = render_remove(_run([save], timeout_s=deadline.left()))
         found |= bool(text)
         _restore(restore, text, deadline)
-    return found
+    sets = _our_sets(deadline)
+    _destroy_sets(sets, deadline)
+    return found or bool(sets)
 
 
 def firewall_counters(timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, dict]:
@@ -129,6 +161,110 @@ def firewall_counters(timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, dict]:
     deadline = _Deadline(timeout_s)
     saves = [_run([save, "-c"], timeout_s=deadline.left()) for save, _, _ in _family_tools()]
     return firewall.parse_counters(saves)
+
+
+# --- the sets: ipset restore text ------------------------------------------------------------
+
+def set_name(queue: int, version: int) -> str:
+    return f"{SET_PREFIX}{queue}-v{version}"
+
+
+def _queues(vms: list[VmRules]) -> list[tuple[int, int]]:
+    """The distinct (uplink, downlink) queue pairs, in the order of their first VM."""
+    return list(dict.fromkeys((vm.uplink_queue, vm.downlink_queue) for vm in vms))
+
+
+def set_names(vms: list[VmRules], versions: list[int]) -> list[str]:
+    """One set per downlink queue and address family."""
+    return [set_name(down, version) for _, down in _queues(vms) for version in versions]
+
+
+def set_entries(vms: list[VmRules], queue: int, version: int) -> list[str]:
+    """The members of downlink ``queue``'s set: each bridge port's address, with its bridge as the
+    outgoing device (what the host routes onto the bridge for the VM)."""
+    entries: list[str] = []
+    for vm in vms:
+        address = vm.address_for(version)
+        if queue == vm.downlink_queue and vm.bridge and address:
+            entries.append(f"{address}/{32 if version == 4 else 128},{vm.bridge}")
+    return list(dict.fromkeys(entries))
+
+
+def render_sets(vms: list[VmRules], versions: list[int]) -> str:
+    """``ipset restore`` input that makes each downlink queue's sets hold exactly ``vms``' entries:
+    each is filled under a temporary name and swapped in, so a set in use is never empty."""
+    lines = []
+    for _, queue in _queues(vms):
+        for version in versions:
+            name, temporary = set_name(queue, version), f"{set_name(queue, version)}-new"
+            entries = set_entries(vms, queue, version)
+            family = "inet" if version == 4 else "inet6"
+            create = f"hash:net,iface family {family} hashsize 1024 maxelem {max(65536, 2 * len(entries))}"
+            lines.append(f"create {temporary} {create} -exist")
+            lines.append(f"flush {temporary}")
+            lines += [f"add {temporary} {entry}" for entry in entries]
+            lines.append(f"create {name} {create} -exist")
+            lines.append(f"swap {temporary} {name}")
+            lines.append(f"destroy {temporary}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+# --- the interface-name trees ----------------------------------------------------------------
+
+# Device matches take a name or a prefix ("tap+"). So the VMs' names become a radix tree of
+# chains: a chain holds, for one common prefix, the exact names that end there and one rule per
+# next character, either a VM's exact name or a jump to the chain of the longer common prefix.
+# A packet walks at most one rule per distinct next character at each level, and at most
+# IFNAMSIZ levels: a bound set by the names' alphabet and length, not by the number of VMs.
+_MATCHES = {  # kind → (rule text for a name or prefix, uplink?)
+    "i": ("-i {}", True),
+    "pi": ("-m physdev --physdev-in {}", True),
+    "o": ("-o {}", False),
+    "po": ("-m physdev --physdev-out {} --physdev-is-bridged", False),
+}
+
+
+def tree_chain(kind: str, prefix: str) -> str:
+    """The chain of ``kind``'s tree for names starting with ``prefix`` (27 characters at most)."""
+    return f"{TREE_PREFIX}{kind.upper()}-{hashlib.sha256(prefix.encode()).hexdigest()[:10]}"
+
+
+def _tree(kind: str, root: str, vms: list[VmRules], bypass: str,
+          mark_with: str | None = None) -> tuple[list[str], list[str]]:
+    """(chains below ``root``, rules) of the tree that sends each VM's packets to its queue;
+    ``mark_with`` ("bit/bit") sets that mark on a VM's packet just before it is queued."""
+    template, uplink = _MATCHES[kind]
+    by_name = {vm.interface: vm for vm in vms}
+    chains: list[str] = []
+    lines: list[str] = []
+
+    def leaf(chain: str, name: str) -> list[str]:
+        vm = by_name[name]
+        queue, direction = (vm.uplink_queue, "uplink") if uplink else (vm.downlink_queue, "downlink")
+        marking = [f"-A {chain} {template.format(name)} -j MARK --set-xmark {mark_with}"] if mark_with else []
+        return marking + [f"-A {chain} {template.format(name)} -m comment --comment \"{TAG} vm={vm.name} {direction}\" "
+                          f"-j NFQUEUE --queue-num {queue}{bypass}"]
+
+    def build(chain: str, names: list[str], depth: int) -> None:
+        for name in names:
+            if len(name) == depth:  # before longer ones
+                lines.extend(leaf(chain, name))
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            if len(name) > depth:
+                groups.setdefault(name[depth], []).append(name)
+        for group in groups.values():
+            if len(group) == 1:
+                lines.extend(leaf(chain, group[0]))
+                continue
+            prefix = os.path.commonprefix(group)
+            child = tree_chain(kind, prefix)
+            chains.append(child)
+            lines.append(f"-A {chain} {template.format(prefix + '+')} -j {child}")
+            build(child, group, len(prefix))
+
+    build(root, sorted(by_name), 0)
+    return chains, lines
 
 
 # --- rendering: iptables-save text in, iptables-restore text out --------------------------------
@@ -200,7 +336,7 @@ def _transaction(mangle: list[str], filter_: list[str]) -> str:
 
 def _is_ours(table: str, chain: str) -> bool:
     if table == "mangle":
-        return chain in (CHAIN, UP_CHAIN, DOWN_CHAIN, SEEN_CHAIN)
+        return chain == CHAIN or chain.startswith(f"{CHAIN}-")
     return chain == CHAIN or (table == "filter" and firewall.is_firewall_chain(chain))
 
 
@@ -220,32 +356,35 @@ def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open
     table = table or SavedTable()
     lines = _jumps_into_ours("mangle", table)
     existing = [chain for chain in table.chains if _is_ours("mangle", chain)]
-    wanted = (UP_CHAIN, DOWN_CHAIN, SEEN_CHAIN) if vms else ()
-    stale = [chain for chain in existing if chain not in wanted]
-    lines += [f":{chain} - [0:0]" for chain in stale]  # declaring a chain flushes it
-    lines += [f"-X {chain}" for chain in stale]
     if not vms:
-        return lines
+        # Every one flushed (declaring a chain flushes it) before any is deleted: they jump to each other.
+        return lines + [f":{chain} - [0:0]" for chain in existing] + [f"-X {chain}" for chain in existing]
     bypass = " --queue-bypass" if fail_open else ""
+    up_chains, up_lines = _tree("i", UP_CHAIN, vms, bypass)
     bit = f"{mark:#x}/{mark:#x}"
-    lines += [f":{UP_CHAIN} - [0:0]", f":{DOWN_CHAIN} - [0:0]", f":{SEEN_CHAIN} - [0:0]"]
+    up_port_chains, up_port_lines = _tree("pi", UP_PORTS_CHAIN, vms, bypass, mark_with=bit)
+    down_chains, down_lines = _tree("o", DOWN_CHAIN, vms, bypass)
+    down_port_chains, down_port_lines = _tree("po", DOWN_PORTS_CHAIN, vms, bypass)
+    wanted = [UP_CHAIN, DOWN_CHAIN, UP_PORTS_CHAIN, DOWN_PORTS_CHAIN, SEEN_CHAIN,
+              *up_chains, *up_port_chains, *down_chains, *down_port_chains]
+    stale = [chain for chain in existing if chain not in wanted]
+    lines += [f":{chain} - [0:0]" for chain in wanted] + [f":{chain} - [0:0]" for chain in stale]
+    lines += [f"-X {chain}" for chain in stale]
+    # A bridge port's packet seen here a second time (see the module's docstring) is queued already.
     lines.append(f'-A {UP_CHAIN} -m mark --mark {bit} -m comment --comment "{TAG} queued already" -j RETURN')
-    lines.append(f'-A {SEEN_CHAIN} -m mark --mark {bit} -j MARK --set-xmark 0x0/{mark:#x}')
-    for vm in vms:
-        up = f'-m comment --comment "{TAG} vm={vm.name} uplink" -j NFQUEUE --queue-num {vm.uplink_queue}{bypass}'
-        down = f'-m comment --comment "{TAG} vm={vm.name} downlink" -j NFQUEUE --queue-num {vm.downlink_queue}{bypass}'
-        # Routed taps/veths match by device, bridge ports by physdev; both are installed. In
-        # PREROUTING a bridge port is known for bridged and for routed packets alike.
-        lines.append(f"-A {UP_CHAIN} -i {vm.interface} {up}")
-        lines.append(f"-A {UP_CHAIN} -m physdev --physdev-in {vm.interface} -j MARK --set-xmark {bit}")
-        lines.append(f"-A {UP_CHAIN} -m physdev --physdev-in {vm.interface} {up}")
-        lines.append(f"-A {DOWN_CHAIN} -o {vm.interface} {down}")
-        lines.append(f"-A {DOWN_CHAIN} -m physdev --physdev-out {vm.interface} --physdev-is-bridged {down}")
-        address = vm.address_for(version)
-        if vm.bridge and address:
-            # Routed onto the bridge: the port is chosen after POSTROUTING, so match the address.
-            prefix = 32 if version == 4 else 128
-            lines.append(f"-A {DOWN_CHAIN} -o {vm.bridge} -d {address}/{prefix} {down}")
+    lines.append(f"-A {SEEN_CHAIN} -m mark --mark {bit} -j MARK --set-xmark 0x0/{mark:#x}")
+    # Routed taps and veths by their device; packets that crossed a bridge port by the port.
+    lines += up_lines
+    lines.append(f'-A {UP_CHAIN} -m physdev --physdev-is-in -m comment --comment "{TAG}" -j {UP_PORTS_CHAIN}')
+    lines += up_port_lines
+    lines += down_lines
+    # Routed by the host onto a VM's bridge: the port is chosen after POSTROUTING, so the VM is
+    # told by its address on that bridge, looked up in the queue's set.
+    for _, down in _queues(vms):
+        lines.append(f'-A {DOWN_CHAIN} -m set --match-set {set_name(down, version)} dst,dst '
+                     f'-m comment --comment "{TAG} downlink routed onto a bridge" -j NFQUEUE --queue-num {down}{bypass}')
+    lines.append(f'-A {DOWN_CHAIN} -m physdev --physdev-is-bridged -m comment --comment "{TAG}" -j {DOWN_PORTS_CHAIN}')
+    lines += down_port_lines
     # Appended: the host's mangle rules in these chains (TCPMSS clamping, marks) run first, since
     # a packet the daemon accepts leaves mangle's chain at the queue.
     lines.append(f'-A PREROUTING -m comment --comment "{TAG}" -j {UP_CHAIN}')
@@ -365,3 +504,29 @@ def _run(argv: list[str], stdin: str | None = None, timeout_s: float = DEFAULT_T
     if proc.returncode != 0:
         raise RulesError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
     return proc.stdout
+
+
+def _ipset() -> str:
+    tool = shutil.which("ipset")
+    if tool is None:
+        raise RulesError("ipset not found: install the ipset package (netskin steers through ipsets)")
+    return tool
+
+
+def _ipset_restore(text: str, deadline: _Deadline) -> None:
+    if text:
+        _run([_ipset(), "restore"], text, timeout_s=deadline.left())
+
+
+def _our_sets(deadline: _Deadline) -> list[str]:
+    """The names of the ipsets netskin owns (none when ipset is not installed)."""
+    tool = shutil.which("ipset")
+    if tool is None:
+        return []
+    names = _run([tool, "list", "-n"], timeout_s=deadline.left()).split()
+    return [name for name in names if name.startswith(SET_PREFIX)]
+
+
+def _destroy_sets(names: list[str], deadline: _Deadline) -> None:
+    if names:
+        _ipset_restore("".join(f"destroy {name}\n" for name in names), deadline)

@@ -120,6 +120,9 @@ class VmConfig(_Strict):
         return None if value is None else _check_name(value, "skin")
 
 
+WORKERS = 1  # engine workers, each with one queue pair (see HostConfig.queue_base)
+
+
 class VmQueues(NamedTuple):
     uplink: int
     downlink: int
@@ -158,7 +161,8 @@ class HostConfig(_Strict):
     host_uplink_kbps: Annotated[int, Field(ge=0, strict=True)] = 0
     # The network namespace the daemon enters at start (the lab's stand-in hypervisor).
     host_netns: str | None = None
-    # NFQUEUE numbers are 16 bit; VM i (file order) uses queue_base + 2i (up) and + 2i + 1 (down).
+    # NFQUEUE numbers are 16 bit. Each engine worker owns a group of whole VMs and one queue pair:
+    # worker k uses queue_base + 2k (uplink) and queue_base + 2k + 1 (downlink). One worker today.
     queue_base: Annotated[int, Field(ge=0, le=65_535, strict=True)] = 7700
     rules_dir: Path | None = None  # extra drop-in directory for firewall profiles
     # Packets one VM may have held per direction (delay, rate queue); more are dropped as
@@ -190,11 +194,11 @@ class HostConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> HostConfig:
-        last_queue = self.queue_base + 2 * len(self.vms) - 1
+        last_queue = self.queue_base + 2 * WORKERS - 1
         if last_queue > 65_535:
             raise ValueError(
-                f"queue_base: {self.queue_base} leaves no room for {len(self.vms)} VMs "
-                f"(needs queue_base + 2 × VMs − 1 ≤ 65535)"
+                f"queue_base: {self.queue_base} leaves no room for the queue pair "
+                f"(needs queue_base + 1 ≤ 65535)"
             )
         seen: dict[tuple[str, str], str] = {}
         for name, vm in self.vms.items():
@@ -206,16 +210,16 @@ class HostConfig(_Strict):
                 seen[key] = name
         return self
 
-    def queue_numbers(self, index: int) -> VmQueues:
-        """The NFQUEUE numbers of the VM at ``index`` (0-based, in file order)."""
-        return VmQueues(self.queue_base + 2 * index, self.queue_base + 2 * index + 1)
+    def queue_numbers(self, worker: int = 0) -> VmQueues:
+        """The NFQUEUE pair of engine worker ``worker`` (0-based), shared by the VMs it owns."""
+        return VmQueues(self.queue_base + 2 * worker, self.queue_base + 2 * worker + 1)
 
     def vm_queues(self, vm: str) -> VmQueues:
-        """The NFQUEUE numbers carrying this VM's uplink and downlink."""
+        """The NFQUEUE numbers carrying this VM's uplink and downlink (its worker's pair)."""
         names = list(self.vms)
         if vm not in names:
             raise ConfigError(f"unknown VM {_show(vm)} (configured: {', '.join(names) or 'none'})")
-        return self.queue_numbers(names.index(vm))
+        return self.queue_numbers(0)
 
 
 def load_host_config(path: str | Path | None = None) -> HostConfig:

@@ -1,10 +1,13 @@
 """The trio shell around the engine: NFQUEUE packets in, the engine's verdicts out, on time.
 
 It maps ``interceptor.engine.path`` onto the outside world and knows no stage: one NFQUEUE queue
-per VM and direction (so the queue a packet arrives on says whose it is), a timerfd armed for the
-engine's next due time, netfilterqueue verdicts, payload rewrites and the raw sockets that send
-ICMP errors. A packet whose handling raises is verdicted by ``fail_mode`` and counted; the daemon
-keeps serving.
+pair (uplink, downlink) for all its VMs, each packet handed to its VM's path by the devices the
+kernel reports with it (``interceptor.engine.classify``: a dict lookup, whatever the number of
+VMs), a timerfd armed for the engine's next due time, netfilterqueue verdicts, payload rewrites
+and the raw sockets that send ICMP errors. A packet whose handling raises is verdicted by
+``fail_mode`` and counted; the daemon keeps serving. So is a packet of a device the shell does
+not know (counted as ``unclassified``): the owner then reads the interface indexes again
+(``indexes_wanted``), since a recreated tap comes back with a new index.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import trio
 
 from interceptor.compiled import CompiledSkin
 from interceptor.engine import ACCEPT, DROP_ERROR, Drop
+from interceptor.engine.classify import Classifier, destination_of
 from interceptor.engine.path import HELD, Engine, Rewrite, SendIcmp, VmPath
 from interceptor.inject import Injector
 from interceptor.nfqueue import Queue
@@ -52,6 +56,9 @@ class Shell:
                              max_held_per_direction=max_held)
         self.paths: dict[str, VmPath] = self.engine.paths
         self.queues: dict[str, tuple[int, int]] = {}  # vm → (uplink queue, downlink queue)
+        self.classifier: Classifier[VmPath] = Classifier()
+        self.unclassified = 0  # packets of a device no VM has (fail_mode verdict)
+        self.indexes_wanted = trio.Event()  # set on an unknown device: read the indexes again
         self.interfaces: dict[str, str] = {}
         self.errors: dict[str, int] = {}  # vm → packets whose handling raised
         self._error_kinds: set[tuple[str, str]] = set()  # logged once each
@@ -68,23 +75,34 @@ class Shell:
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def add_vm(self, name: str, interface: str, uplink_queue: int, downlink_queue: int) -> VmPath:
+    def add_vm(self, name: str, interface: str, uplink_queue: int, downlink_queue: int,
+               addresses: tuple[str | None, ...] = ()) -> VmPath:
+        """Register a VM; ``addresses`` tell its downlink packets routed onto its bridge. Its
+        queues are bound by ``bind`` (shared by all the shell's VMs)."""
         path = self.engine.add_vm(name)
+        self.classifier.add(interface, path, addresses)
         self.queues[name] = (uplink_queue, downlink_queue)
         self.interfaces[name] = interface
         self.errors[name] = 0
-        for number, outgoing in ((uplink_queue, True), (downlink_queue, False)):
-            handler = self._handler(path, outgoing)
-            self._queues.append(Queue(number, handler, max_len=self.max_held + KERNEL_QUEUE_HEADROOM,
-                                      fail_open=self.fail_open))
         return path
+
+    def bind(self, uplink_queue: int, downlink_queue: int) -> None:
+        """Bind the queue pair all the VMs' packets arrive on."""
+        # Held packets count against the kernel's queue length: every VM may hold max_held.
+        max_len = self.max_held * max(1, len(self.paths)) + KERNEL_QUEUE_HEADROOM
+        for number, outgoing in ((uplink_queue, True), (downlink_queue, False)):
+            self._queues.append(Queue(number, self._handler(outgoing), max_len=max_len, fail_open=self.fail_open))
+
+    def set_indexes(self, indexes: dict[str, int]) -> bool:
+        """The kernel's interface name → index map (read by the owner); whether anything changed."""
+        return self.classifier.set_indexes(indexes)
 
     def set_skin(self, name: str, skin: CompiledSkin, generation: int) -> None:
         self.paths[name].set_skin(skin, generation)
 
     # -- packets ------------------------------------------------------------------------------
 
-    def _handler(self, path: VmPath, outgoing: bool) -> Callable:
+    def _handler(self, outgoing: bool) -> Callable:
         # The hot path: everything it needs is bound to locals once, here; the engine's handler
         # and whether it needs the packet's bytes are read from the path per packet (a swap or a
         # timeline changes them).
@@ -96,8 +114,11 @@ class Shell:
         ahead = RELEASE_AHEAD_NS
         apply = self._apply
         on_error = self._on_error
-        name = path.name
-        pipe = path.uplink if outgoing else path.downlink
+        by_index = self.classifier.by_index  # updated in place when indexes change
+        by_address = self.classifier.by_address
+        unknown = self._unknown
+        faults = self.faults
+        fault_injection = self.fault_injection
 
         def verdict_of(packet, verdict) -> None:
             if verdict is ACCEPT:
@@ -114,7 +135,15 @@ class Shell:
 
         if outgoing:
             def handle(packet) -> None:
+                path = by_index.get(packet.indev)
+                if path is None:
+                    path = by_index.get(packet.physindev)
+                    if path is None:
+                        unknown(packet)
+                        return
                 try:
+                    if fault_injection and faults.get(path.name):
+                        _inject_fault(faults, path.name)
                     verdict = path.on_uplink(packet, packet.get_payload_len(),
                                              packet.get_payload() if path.needs_payload_up else None,
                                              monotonic_ns(), rand)
@@ -123,10 +152,20 @@ class Shell:
                     else:
                         verdict_of(packet, verdict)
                 except Exception as exc:  # noqa: BLE001 - one packet must never end the daemon
-                    on_error(name, packet, exc, pipe)
+                    on_error(path.name, packet, exc, path.uplink)
         else:
             def handle(packet) -> None:
+                path = by_index.get(packet.outdev)
+                if path is None:
+                    path = by_index.get(packet.physoutdev)  # bridged: the port
+                    if path is None:  # routed onto a VM's bridge: its destination address
+                        path = by_address.get(destination_of(packet.get_payload()))
+                        if path is None:
+                            unknown(packet)
+                            return
                 try:
+                    if fault_injection and faults.get(path.name):
+                        _inject_fault(faults, path.name)
                     verdict = path.on_downlink(packet, packet.get_payload_len(),
                                                packet.get_payload() if path.needs_payload_down else None,
                                                monotonic_ns(), rand)
@@ -135,23 +174,25 @@ class Shell:
                     else:
                         verdict_of(packet, verdict)
                 except Exception as exc:  # noqa: BLE001
-                    on_error(name, packet, exc, pipe)
+                    on_error(path.name, packet, exc, path.downlink)
 
-        if not self.fault_injection:
-            return handle
-        faults = self.faults
+        return handle
 
-        def handle_with_faults(packet) -> None:  # tests only: make this VM's next packets raise
-            if faults.get(name):
-                faults[name] -= 1
-                try:
-                    raise RuntimeError("fault injected for a test")
-                except RuntimeError as exc:
-                    on_error(name, packet, exc, pipe)
-                return
-            handle(packet)
-
-        return handle_with_faults
+    def _unknown(self, packet) -> None:
+        """A packet of no known VM device: fail_mode's verdict, counted; read the indexes again."""
+        self.unclassified += 1
+        if self.unclassified == 1 or self.unclassified % 10_000 == 0:
+            log.warning("%d packet(s) from or to a device of no known VM (verdict by fail_mode=%s); "
+                        "reading the interface indexes again", self.unclassified,
+                        "open" if self.fail_open else "closed")
+        self.indexes_wanted.set()
+        try:
+            if self.fail_open:
+                packet.accept()
+            else:
+                packet.drop()
+        except Exception:  # noqa: BLE001 - the queue is gone
+            pass
 
     def _apply(self, packet, verdict: Any) -> None:
         """The rarer verdicts: a rewrite (then accept or hold) and an ICMP error."""
@@ -248,3 +289,9 @@ class Shell:
     @property
     def held_packets(self) -> int:
         return self.engine.held_packets
+
+
+def _inject_fault(faults: dict[str, int], name: str) -> None:
+    """Tests only: make this VM's next packet's handling raise."""
+    faults[name] -= 1
+    raise RuntimeError("fault injected for a test")

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   iptables iproute2 libnetfilter-queue-dev libnetfilter-queue1 gcc python3 python3-dev python3-venv
   iperf3 dnsutils iputils-ping procps tmux systemd systemd-container vagrant qemu-system-x86
-  etcd-server etcd-client cpio
+  etcd-server etcd-client cpio ipset
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -78,9 +78,18 @@ def test_ipv6_passes_through_too(lab):
 
 def test_sigterm_restores_the_ruleset_exactly(lab, foreign_rules):
     daemon = DaemonProcess(lab.config_path).start()
-    assert len([r for r in our_rules(lab) if "NFQUEUE" in r]) == 4 * len(lab.vms)
+    # Four trees (device and bridge port, each way) of the VMs, and the routed-onto-a-bridge set
+    # rule of the downlink queue.
+    assert len([r for r in our_rules(lab) if "NFQUEUE" in r]) == 4 * len(lab.vms) + 1
+    assert set(our_sets(lab)) == {"netskin-7701-v4", "netskin-7701-v6"}
     assert daemon.stop(signal.SIGTERM) == 0
     assert ruleset(lab) == foreign_rules
+    assert our_sets(lab) == []  # destroyed after the rules that used them
+
+
+def our_sets(lab) -> list[str]:
+    return [name for name in lab.exec("hv", ["ipset", "list", "-n"], check=True).stdout.split()
+            if name.startswith("netskin-")]
 
 
 def test_sigint_restores_the_ruleset_too(lab, foreign_rules):
@@ -104,6 +113,7 @@ def test_after_sigkill_a_restart_leaves_one_copy_and_cleanup_removes_it(lab, for
     )
     assert "removed" in out.stdout
     assert ruleset(lab) == foreign_rules
+    assert our_sets(lab) == []
 
 
 def test_fail_open_traffic_flows_after_sigkill(lab):

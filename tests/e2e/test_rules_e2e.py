@@ -394,6 +394,7 @@ def test_remove_restores_the_ruleset_and_remove_steering_keeps_only_the_firewall
     assert in_hv(lab, rules.remove) is True
     assert normalized(saved(lab)) == before
     assert in_hv(lab, rules.remove) is False
+    assert not any(name.startswith("netskin-") for name in hv(lab, "ipset", "list", "-n").split())
 
 
 def _table(save_text: str, table: str) -> list[str]:

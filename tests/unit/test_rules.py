@@ -55,15 +55,21 @@ def test_steering_is_uplink_in_prerouting_and_downlink_in_postrouting():
     assert mangle == [
         ":NETSKIN-UP - [0:0]",
         ":NETSKIN-DOWN - [0:0]",
+        ":NETSKIN-UP-PORTS - [0:0]",
+        ":NETSKIN-DOWN-PORTS - [0:0]",
         ":NETSKIN-SEEN - [0:0]",
         # A bridge port's packet passes PREROUTING twice when the queue cut a GSO packet: once only.
         '-A NETSKIN-UP -m mark --mark 0x100000/0x100000 -m comment --comment "netskin queued already" -j RETURN',
         "-A NETSKIN-SEEN -m mark --mark 0x100000/0x100000 -j MARK --set-xmark 0x0/0x100000",
         f"-A NETSKIN-UP -i tap-vm1 {up}",
-        "-A NETSKIN-UP -m physdev --physdev-in tap-vm1 -j MARK --set-xmark 0x100000/0x100000",
-        f"-A NETSKIN-UP -m physdev --physdev-in tap-vm1 {up}",  # bridged or routed from a bridge port
+        '-A NETSKIN-UP -m physdev --physdev-is-in -m comment --comment "netskin" -j NETSKIN-UP-PORTS',
+        "-A NETSKIN-UP-PORTS -m physdev --physdev-in tap-vm1 -j MARK --set-xmark 0x100000/0x100000",
+        f"-A NETSKIN-UP-PORTS -m physdev --physdev-in tap-vm1 {up}",  # bridged or routed from a bridge port
         f"-A NETSKIN-DOWN -o tap-vm1 {down}",
-        f"-A NETSKIN-DOWN -m physdev --physdev-out tap-vm1 --physdev-is-bridged {down}",
+        '-A NETSKIN-DOWN -m set --match-set netskin-7703-v4 dst,dst '
+        '-m comment --comment "netskin downlink routed onto a bridge" -j NFQUEUE --queue-num 7703',
+        '-A NETSKIN-DOWN -m physdev --physdev-is-bridged -m comment --comment "netskin" -j NETSKIN-DOWN-PORTS',
+        f"-A NETSKIN-DOWN-PORTS -m physdev --physdev-out tap-vm1 --physdev-is-bridged {down}",
         '-A PREROUTING -m comment --comment "netskin" -j NETSKIN-UP',
         '-A POSTROUTING -m comment --comment "netskin" -j NETSKIN-DOWN',
         '-I FORWARD 1 -m comment --comment "netskin" -j NETSKIN-SEEN',  # clears the bit after routing
@@ -78,13 +84,81 @@ def test_the_steering_mark_is_one_configurable_bit_used_only_in_mangle():
     assert not any("mark" in line.lower() for line in section(text, "filter"))
 
 
+def walk(mangle: list[str], chain: str, device: str) -> tuple[int, str | None]:
+    """(rules a packet from ``device`` walks from ``chain``, the VM whose uplink queue takes it)."""
+    walked = 0
+    for line in mangle:
+        if not line.startswith(f"-A {chain} -i "):
+            continue
+        walked += 1
+        name = line.split()[3]
+        if name.endswith("+") and device.startswith(name[:-1]):
+            below, vm_name = walk(mangle, line.split()[-1], device)
+            walked += below
+            if vm_name:
+                return walked, vm_name
+        elif name == device:
+            return walked, re.search(r"vm=(\S+)", line)[1]
+    return walked, None
+
+
+@pytest.mark.parametrize("names", [
+    [f"tap{i}" for i in range(500)],
+    [f"idle{i}" for i in range(499)] + ["tap-vm1"],
+    [f"vnet{i}" for i in range(0, 5000, 7)] + ["tap", "tap0", "tap01", "x"],
+])
+def test_every_vm_is_found_by_walking_a_few_rules_whatever_their_number(names):
+    many = [rules.VmRules(f"vm-{name}", name, 7700, 7701) for name in names]
+    mangle = section(rules.render_install("", many, fail_open=True, version=4), "mangle")
+    worst = 0
+    for name in names:
+        walked, found = walk(mangle, "NETSKIN-UP", name)
+        assert found == f"vm-{name}"
+        worst = max(worst, walked)
+    assert worst <= 40, worst  # one VM: 1; 500 VMs in a line: 500
+    assert walk(mangle, "NETSKIN-UP", "eth0") == (walk(mangle, "NETSKIN-UP", "eth0")[0], None)
+    assert walk(mangle, "NETSKIN-UP", "tap9999")[1] is None
+
+
+@pytest.mark.parametrize("version, address", [(4, "10.77.100.2/32"), (6, "fd77:100::2/128")])
+def test_the_set_holds_a_bridge_ports_address_on_its_bridge(version, address):
+    port = rules.VmRules("vm1", "tap-vm1", 7700, 7701, bridge="br0", address="10.77.100.2",
+                         address6="fd77:100::2")
+    routed = rules.VmRules("vm2", "tap-vm2", 7700, 7701, address="10.77.2.2")
+    assert rules.set_entries([port, routed], 7701, version) == [f"{address},br0"]
+    assert rules.set_entries([port, routed], 7700, version) == []
+
+
+def test_the_sets_are_filled_under_a_temporary_name_and_swapped_in():
+    port = rules.VmRules("vm1", "tap-vm1", 7700, 7701, bridge="br0", address="10.77.100.2")
+    lines = rules.render_sets([port], [4, 6]).splitlines()
+    assert rules.set_names([port], [4, 6]) == ["netskin-7701-v4", "netskin-7701-v6"]
+    first = lines[: lines.index("destroy netskin-7701-v4-new") + 1]
+    assert first[0].startswith("create netskin-7701-v4-new hash:net,iface family inet ")
+    assert first[1:3] == ["flush netskin-7701-v4-new", "add netskin-7701-v4-new 10.77.100.2/32,br0"]
+    assert first[3].startswith("create netskin-7701-v4 hash:net,iface family inet ") and first[3].endswith("-exist")
+    assert first[4:] == ["swap netskin-7701-v4-new netskin-7701-v4", "destroy netskin-7701-v4-new"]
+    assert "family inet6" in lines[len(first)]
+    assert rules.render_sets([], [4, 6]) == ""
+
+
+def test_reinstalling_with_fewer_vms_deletes_the_tree_chains_no_longer_needed():
+    many = [rules.VmRules(f"vm{i}", f"tap{i}", 7700, 7701) for i in range(30)]
+    saved = _as_saved(rules.render_install("", many, fail_open=True, version=4))
+    text = rules.render_install(saved, many[:1], fail_open=True, version=4)
+    mangle = section(text, "mangle")
+    deleted = {line[3:] for line in mangle if line.startswith("-X ")}
+    assert deleted and all(chain.startswith("NETSKIN-T") for chain in deleted)
+    removed = section(rules.render_remove(saved), "mangle")
+    assert {line[3:] for line in removed if line.startswith("-X ")} >= deleted | {"NETSKIN-UP", "NETSKIN-DOWN"}
+
+
 @pytest.mark.parametrize("version, address", [(4, "10.77.100.2/32"), (6, "fd77:100::2/128")])
 def test_a_bridge_port_also_gets_what_the_host_routes_onto_its_bridge(version, address):
     port = rules.VmRules("vm1", "tap-vm1", 7702, 7703, profile=shipped("restricted"), bridge="br0",
                          address="10.77.100.2", address6="fd77:100::2")
     text = rules.render_install("", [port], fail_open=False, version=version)
-    down = '-m comment --comment "netskin vm=vm1 downlink" -j NFQUEUE --queue-num 7703'
-    assert f"-A NETSKIN-DOWN -o br0 -d {address} {down}" in section(text, "mangle")
+    assert rules.set_entries([port], 7703, version) == [f"{address},br0"]  # steered by the set
     tag = '-m comment --comment "netskin vm=vm1 profile=restricted"'
     assert f"-A NETSKIN -o br0 -d {address} {tag} -j {IN}" in section(text, "filter")
 
@@ -92,7 +166,7 @@ def test_a_bridge_port_also_gets_what_the_host_routes_onto_its_bridge(version, a
 def test_fail_open_adds_queue_bypass_to_every_queue_rule():
     text = rules.render_install("", [vm(), vm("vm2", index=2)], fail_open=True, version=6)
     queue_rules = [line for line in section(text, "mangle") if "NFQUEUE" in line]
-    assert len(queue_rules) == 8
+    assert len(queue_rules) == 4 * 2 + 2  # four trees of two VMs, and a set rule per downlink queue
     assert all(line.endswith("--queue-bypass") for line in queue_rules)
 
 
@@ -336,8 +410,9 @@ def test_remove_steering_leaves_the_firewall():
     saved = _as_saved(rules.render_install("", [vm(profile=shipped("restricted"))], False, 4))
     text = rules.render_remove_steering(saved)
     assert section(text, "filter") == []
-    assert section(text, "mangle")[-6:] == [":NETSKIN-UP - [0:0]", ":NETSKIN-DOWN - [0:0]", ":NETSKIN-SEEN - [0:0]",
-                                            "-X NETSKIN-UP", "-X NETSKIN-DOWN", "-X NETSKIN-SEEN"]
+    chains = ("NETSKIN-UP", "NETSKIN-DOWN", "NETSKIN-UP-PORTS", "NETSKIN-DOWN-PORTS", "NETSKIN-SEEN")
+    assert sorted(section(text, "mangle")[-10:]) == sorted([f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains])
+    assert [line[:2] for line in section(text, "mangle")[-10:]] == [":N"] * 5 + ["-X"] * 5  # flushed, then deleted
     assert rules.render_remove_steering(OLD_LAYOUT) == ""  # no steering in mangle: nothing to do
 
 
