@@ -322,6 +322,9 @@ def _start_event_loop(libvirt) -> None:
         if _event_loop_started:
             return
         libvirt.virEventRegisterDefaultImpl()
+        # libvirt's default handler prints every error to stderr, also those it raises as
+        # exceptions (which the shell logs or passes on): a reconnect would spam the journal.
+        libvirt.registerErrorHandler(lambda _ctx, _error: None, None)
 
         def run() -> None:
             while True:
