@@ -5,8 +5,10 @@ restart, each as an event within seconds; the guest answers ping from the hv sid
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -109,6 +111,14 @@ def test_a_libvirt_domain_is_followed_from_start_to_destroy_and_back(libvirt_lab
             mtu = await trio.to_thread.run_sync(
                 lambda: lvl.guest_console(guest).run("cat /sys/class/net/eth0/mtu", check=True).output.strip())
             assert mtu == "1400"
+            listed = await trio.to_thread.run_sync(lambda: subprocess.run(
+                [sys.executable, "-m", "manager.cli", "vms", "--libvirt", libvirtd.uri_ro, "--json", "--config",
+                 str(lab.config_path)], capture_output=True, text=True, timeout=60))
+            assert listed.returncode == 0, listed.stderr
+            rows = {row["name"]: row for row in json.loads(listed.stdout)["vms"]}
+            assert rows["vm1"]["source"] == "config"  # the lab's namespace VM
+            assert (rows[primary]["source"], rows[primary]["tap"], rows[primary]["skin"]) == ("libvirt", "lvtap0", "3g")
+            assert rows[secondary]["bridge"] == BRIDGE
 
             # virsh, as a libvirt user would: the skin in the domain's metadata changes.
             t0 = time.monotonic()
