@@ -216,6 +216,7 @@ def guest_domain_xml(guest: GuestDomain, kernel: Path, initrd: Path, accel: str)
     <initrd>{initrd}</initrd>
     <cmdline>{lab_guests.kernel_cmdline(net)}</cmdline>
   </os>
+  <features><acpi/></features>  <!-- i440fx hot-plugs PCI devices through ACPI -->
   {cpu}
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>

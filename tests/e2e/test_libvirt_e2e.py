@@ -131,10 +131,22 @@ def test_a_libvirt_domain_is_followed_from_start_to_destroy_and_back(libvirt_lab
             assert {e.vm.skin for e in changed.values()} == {"edge"}
             assert {e.before.skin for e in changed.values()} == {"3g"}
 
+            # A NIC plugged into the running domain is a VM of its own (libvirt's next alias).
+            t0 = time.monotonic()
+            plugged = await trio.to_thread.run_sync(lambda: subprocess.run(
+                ["virsh", "-c", libvirtd.uri, "attach-interface", DOMAIN, "bridge", BRIDGE, "--model", "virtio",
+                 "--mac", "02:77:00:00:c9:22", "--live"], capture_output=True, text=True, timeout=60))
+            assert plugged.returncode == 0, plugged.stderr
+            third = f"{DOMAIN}/net2"
+            added = await _expect(receive, {third: Appeared})
+            timings["attach-interface → appeared"] = time.monotonic() - t0
+            assert (added[third].vm.mac, added[third].vm.bridge, added[third].vm.skin) == (
+                "02:77:00:00:c9:22", BRIDGE, "edge")
+
             t0 = time.monotonic()
             await trio.to_thread.run_sync(lvl.destroy_guest, dom)
             t1 = time.monotonic()
-            gone = await _expect(receive, {primary: Gone, secondary: Gone})
+            gone = await _expect(receive, {primary: Gone, secondary: Gone, third: Gone})
             timings["destroy call (virDomainDestroy)"] = t1 - t0
             timings["destroy returned → gone"] = time.monotonic() - t1
             assert gone[secondary].vm.tap == net1.tap
