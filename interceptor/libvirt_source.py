@@ -462,6 +462,10 @@ class LibvirtSource:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None  # undefined between the listing and the reading
             raise
+        except DomainXmlError as exc:
+            # One unreadable domain must not hide the others: it is left out, loudly.
+            log.error("libvirt %s: domain %s left out: %s", self.uri, dom.UUIDString(), exc)
+            return None
         if view.running and any(vm.kind == "network" for vm in view.vms):
             try:
                 leases = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)

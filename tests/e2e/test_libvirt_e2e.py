@@ -131,6 +131,17 @@ def test_a_libvirt_domain_is_followed_from_start_to_destroy_and_back(libvirt_lab
             assert {e.vm.skin for e in changed.values()} == {"edge"}
             assert {e.before.skin for e in changed.values()} == {"3g"}
 
+            def virsh_metadata(*argv: str) -> None:
+                done = subprocess.run(["virsh", "-c", libvirtd.uri, "metadata", DOMAIN, "--uri", NETSKIN_XMLNS,
+                                       *argv, "--live", "--config"], capture_output=True, text=True, timeout=30)
+                assert done.returncode == 0, done.stderr
+
+            await trio.to_thread.run_sync(virsh_metadata, "--remove")
+            removed = await _expect(receive, {primary: Changed, secondary: Changed})
+            assert {e.vm.skin for e in removed.values()} == {None}
+            await trio.to_thread.run_sync(virsh_metadata, "--key", "netskin", "--set", '<skin name="edge"/>')
+            await _expect(receive, {primary: Changed, secondary: Changed})
+
             # A NIC plugged into the running domain is a VM of its own (libvirt's next alias).
             t0 = time.monotonic()
             plugged = await trio.to_thread.run_sync(lambda: subprocess.run(
