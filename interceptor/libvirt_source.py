@@ -383,6 +383,7 @@ class LibvirtSource:
                 log.warning("libvirt %s: %s; reconnecting", self.uri, exc)
             finally:
                 self.connected = False
+                touches_send.close()  # the old connection's late callbacks post nowhere
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._close, conn)
             await trio.sleep(delay_s)
