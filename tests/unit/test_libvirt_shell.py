@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from interceptor import libvirt_source as ls
-from interceptor.libvirt_source import Appeared, Changed, Gone, LibvirtSource
+from interceptor.libvirt_source import Appeared, Changed, LibvirtSource
 from tests.unit.test_libvirt_source import BRIDGE_RUNNING, NETSKIN_META, domain_xml
 
 WEB = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
