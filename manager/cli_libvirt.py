@@ -47,7 +47,8 @@ async def _watch(uri: str, as_json: bool) -> None:
     source = LibvirtSource(uri)
     send, receive = trio.open_memory_channel(100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(source.run, send)
+        await nursery.start(source.run, send)  # the VMs running now have been sent
+        typer.echo(f"following {uri} (Ctrl-C to stop)", err=True)
         async for event in receive:
             _print_event(event, as_json)
 

@@ -77,6 +77,12 @@ def test_a_libvirt_domain_is_followed_from_start_to_destroy_and_back(libvirt_lab
     primary, secondary = f"{DOMAIN}/net0", f"{DOMAIN}/net1"
     timings = {}
 
+    # `netskin vms --watch` follows the same events from another process, as a user would.
+    watch_log, watch_err = lab.workdir / "logs" / "vms-watch.jsonl", lab.workdir / "logs" / "vms-watch.err"
+    with open(watch_log, "wb") as out, open(watch_err, "wb") as err:
+        watcher = subprocess.Popen([sys.executable, "-m", "manager.cli", "vms", "--libvirt", libvirtd.uri_ro,
+                                    "--watch", "--json"], stdout=out, stderr=err)
+
     async def main():
         conn = await trio.to_thread.run_sync(libvirtd.open)
         send, receive = trio.open_memory_channel(100)
@@ -191,7 +197,19 @@ def test_a_libvirt_domain_is_followed_from_start_to_destroy_and_back(libvirt_lab
             nursery.cancel_scope.cancel()
         timings["guest boot (console)"] = boot_s
 
-    trio.run(main)
+    try:
+        deadline = time.monotonic() + 30
+        while "following" not in watch_err.read_text():
+            assert watcher.poll() is None and time.monotonic() < deadline, watch_err.read_text()
+            time.sleep(0.05)
+        trio.run(main)
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=10)
+    watched = [json.loads(line) for line in watch_log.read_text().splitlines() if line.startswith("{")]
+    seen = [(e["event"], e["vm"]["skin"]) for e in watched if e["vm"]["name"] == primary]
+    assert seen[:3] == [("appeared", "3g"), ("changed", "edge"), ("changed", None)], watch_log.read_text()[-2000:]
+    assert seen[-1] == ("gone", "edge")
     print("\nlibvirt source event latencies:")
     for what, seconds in timings.items():
         print(f"  {what}: {seconds * 1000:.0f} ms")
