@@ -153,6 +153,23 @@ class StoreConfig(_Strict):
         return self
 
 
+class LibvirtConfig(_Strict):
+    """``[libvirt]``: VMs come from this libvirt connection as well (interceptor.libvirt_source)."""
+
+    # A libvirt connection URI: qemu:///system, qemu+ssh://host/system, qemu+unix:///system?socket=...
+    uri: Annotated[str, Field(min_length=1, max_length=4096)]
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9+._-]*://[^\s]*", value):
+            raise ValueError(
+                f"{_show(value)} is not a libvirt connection URI "
+                "(e.g. qemu:///system or qemu+unix:///system?socket=/run/libvirt/libvirt-sock)"
+            )
+        return value
+
+
 class HostConfig(_Strict):
     state_dir: Path = Path("/var/lib/netskin")
     skins_dir: Path = Path("/etc/netskin/skins.d")
@@ -177,6 +194,7 @@ class HostConfig(_Strict):
     data_path_nice: Annotated[int, Field(ge=-20, le=19, strict=True)] = -10
     vms: dict[str, VmConfig] = {}
     store: StoreConfig | None = None  # a fleet member (netskin agent); None: a single host
+    libvirt: LibvirtConfig | None = None  # VMs found through libvirt besides [vms.*]
 
     @field_validator("vms")
     @classmethod

@@ -499,6 +499,20 @@ def _seconds(ms: float, short: bool = False) -> str:
     return f"{seconds:.1f}{'s' if short else ' s'}"
 
 
+@app.command("vms")
+def vms_cmd(ctx: typer.Context,
+            libvirt: Annotated[Optional[str], typer.Option("--libvirt", metavar="URI", help=(
+                "A libvirt connection to list VMs from (default: \\[libvirt] uri in the host config), "
+                "e.g. qemu:///system."))] = None,
+            watch: Annotated[bool, typer.Option("--watch", help="Follow libvirt: print each VM appearing, "
+                                                "changing or going, until Ctrl-C.")] = False,
+            config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """The VMs this host knows: its \\[vms.*], and each running libvirt domain's interfaces."""
+    from manager import cli_libvirt
+
+    cli_libvirt.vms(load_config(ctx, config), libvirt, json_option(ctx, as_json), watch)
+
+
 @app.command("top")
 def top_cmd(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False,
             interval: Annotated[float, typer.Option(min=0.05, help="Seconds between refreshes.")] = 1.0,

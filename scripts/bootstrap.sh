@@ -9,10 +9,14 @@ cd "$(dirname "$0")/.."
 
 # gcc and the -dev packages build netfilterqueue from source (here and in the wheel test's fresh
 # virtualenv); systemd gives systemd-analyze and vagrant `vagrant validate` for their unit tests.
+# libvirt-dev and pkg-config build libvirt-python; libvirt-daemon (the daemons, with no service
+# units: those are libvirt-daemon-system's, not installed), its QEMU driver and libvirt-clients
+# (virsh) run the libvirt lab, which starts its own daemon in a directory of its own.
 APT_PACKAGES=(
   iptables iproute2 libnetfilter-queue-dev libnetfilter-queue1 gcc python3 python3-dev python3-venv
   iperf3 dnsutils iputils-ping procps tmux systemd systemd-container vagrant qemu-system-x86
   etcd-server etcd-client cpio ipset
+  libvirt-dev pkg-config libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -42,6 +46,6 @@ wanted=$(sha256sum pyproject.toml)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "bootstrap: installing netskin into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -e '.[test,libvirt]'
   echo "$wanted" >"$stamp"
 fi

@@ -492,3 +492,23 @@ def test_json_round_trip_of_a_resolved_skin_is_stable():
     skin = load_skin_file(EXAMPLES / "bursty-wifi.yaml")
     again = validate_skin(json.loads(skin.model_dump_json()))
     assert compile_skin(again) == compile_skin(skin)
+
+
+def test_a_libvirt_table_names_the_connection(tmp_path):
+    path = tmp_path / "netskin.toml"
+    path.write_text('[libvirt]\nuri = "qemu+unix:///system?socket=/run/lab/libvirt-sock"\n')
+    assert load_host_config(path).libvirt.uri == "qemu+unix:///system?socket=/run/lab/libvirt-sock"
+    assert HostConfig().libvirt is None
+
+
+@pytest.mark.parametrize("table, message", [
+    ('uri = "system"', "not a libvirt connection URI"),
+    ('uri = "qemu:///system extra"', "not a libvirt connection URI"),
+    ("", "libvirt.uri"),
+    ('uri = "qemu:///system"\npoll_s = 1', "poll_s"),
+])
+def test_a_bad_libvirt_table_is_one_line_naming_it(tmp_path, table, message):
+    path = tmp_path / "netskin.toml"
+    path.write_text(f"[libvirt]\n{table}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_host_config(path)
