@@ -708,17 +708,8 @@ def measure_guest(lab, vm: str = "vm1", seconds: float = 3.0) -> dict:
     ping = measure.ping(lab, "inet", address, count=20, interval=0.05)
     probe = measure.udp_probe(lab, "inet", address, ECHO_PORT, count=200, rate_pps=100, warm_up=True)
 
-    def iperf3(reverse: bool) -> float:
-        # iperf3 -s serves one test at a time and reopens its socket after each: a test that
-        # starts while the last one is still winding down (slow under a skin) is turned away.
-        for attempt in range(10):
-            try:
-                return measure.iperf3(lab, "inet", IPERF3_PORT, reverse=reverse, seconds=seconds, target=address)
-            except measure.MeasureError as exc:
-                if not any(w in str(exc) for w in ("refused", "reset", "busy")) or attempt == 9:
-                    raise
-                time.sleep(1.0)
-        raise AssertionError("unreachable")
+    def iperf3(reverse: bool) -> float:  # measure.iperf3 waits for a server still winding down
+        return measure.iperf3(lab, "inet", IPERF3_PORT, reverse=reverse, seconds=seconds, target=address)
 
     return {
         "rtt_ms": ping["rtt_median_ms"],

@@ -156,6 +156,7 @@ def udp_probe(lab: Lab, vm: str, target: str | None = None, port: int | None = N
 
 
 _WARM_UP_SEQ = 0xFFFFFFFF
+_IPERF3_ATTEMPTS = 10
 
 
 def _warm_up(sock: socket.socket, padding: bytes, timeout_s: float) -> bool:
@@ -193,14 +194,21 @@ def iperf3(lab: Lab, vm: str, port: int | None = None, reverse: bool = False, ud
         argv.append("-u")
     if rate is not None:
         argv += ["-b", rate]
-    done = lab.exec(vm, argv, timeout=seconds + 30)
-    try:
-        report = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        raise MeasureError(f"iperf3 from {vm} to {target}:{port} gave no JSON ({done.returncode}): "
-                           f"{done.stderr.strip() or done.stdout[-300:]}") from None
-    if "error" in report:  # iperf3 exits 0 on some errors; the report says so
-        raise MeasureError(f"iperf3 from {vm} to {target}:{port}: {report['error']}")
+    # iperf3 -s serves one test at a time and reopens its socket after each: a test that starts
+    # while the last one is still winding down (slow under a skin) is refused, reset or told "busy".
+    for attempt in range(_IPERF3_ATTEMPTS):
+        done = lab.exec(vm, argv, timeout=seconds + 30)
+        try:
+            report = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise MeasureError(f"iperf3 from {vm} to {target}:{port} gave no JSON ({done.returncode}): "
+                               f"{done.stderr.strip() or done.stdout[-300:]}") from None
+        error = report.get("error")  # iperf3 exits 0 on some errors; the report says so
+        if error is None:
+            break
+        if not any(word in error for word in ("refused", "reset", "busy")) or attempt == _IPERF3_ATTEMPTS - 1:
+            raise MeasureError(f"iperf3 from {vm} to {target}:{port}: {error}")
+        time.sleep(0.5)
     end = report["end"]
     received = end.get("sum_received") or end.get("sum")
     if not received:
