@@ -159,7 +159,8 @@ class FleetLab:
 
     def _etcd_answers(self) -> bool:
         try:
-            self.store_call(lambda store: store.revision())
+            # A key the manager's role may read (its role covers /netskin/ only).
+            self.store_call(lambda store: store.get(f"{fleet.ROOT}/"))
             return True
         except Exception:
             return False
