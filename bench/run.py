@@ -1,6 +1,6 @@
 """netskin's benchmark: speed against a bare NFQUEUE loop, and fidelity against what a skin asks.
 
-    python -m bench.run [--quick] [--only pause|trace] [--json FILE]
+    python -m bench.run [--quick] [--only pause|trace|fleet] [--json FILE]
 
 Builds a private lab (``manager.lab``, a random prefix, removed at the end), then measures in one
 run, so every ratio compares numbers taken on the same machine minutes apart:
@@ -13,7 +13,9 @@ run, so every ratio compares numbers taken on the same machine minutes apart:
 - the data path's longest pause while skin files are rewritten and applies run (``bench.pause``;
   in the full run, or alone with ``--only pause``);
 - trace-driven links: saturating UDP per one-second window through shipped Mahimahi traces
-  against each trace's capacity (``bench.trace``; in every run, or alone with ``--only trace``).
+  against each trace's capacity (``bench.trace``; in every run, or alone with ``--only trace``);
+- the fleet: assignments/s and apply → enforced on every host for 10, 100 and 1000 VMs, and the
+  swap spread across hosts (``bench.fleet``; alone, with ``--only fleet``: it builds a fleet lab).
 
 The daemon runs with ``fail_mode = closed`` here: when it cannot keep up the kernel drops, and
 the drop is measured, instead of letting packets bypass it unseen.
@@ -588,10 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rates (about 2 minutes)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the lab's logs and configs")
-    parser.add_argument("--only", choices=["pause", "trace"],
+    parser.add_argument("--only", choices=["pause", "trace", "fleet"],
                         help="run only this row: pause = the data path's longest pause under skin churn, "
-                             "trace = throughput per second through the shipped traces")
+                             "trace = throughput per second through the shipped traces, "
+                             "fleet = the fleet lab's apply rows (python -m bench.fleet, its defaults)")
     args = parser.parse_args(argv)
+    if args.only == "fleet":  # a lab of its own (etcd, hosts, agents): not the one-VM lab below
+        from bench import fleet
+
+        return fleet.main(["--json", str(args.json)] if args.json else [])
     plan = QUICK if args.quick else FULL
     if args.only == "pause":
         plan = replace(plan, pause=plan.pause or PausePlan())
