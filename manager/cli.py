@@ -721,7 +721,7 @@ def lab_down_cmd(ctx: typer.Context, prefix: PrefixOption = "nsk",
                      "--config", metavar="PATH", show_default=False,
                      help="The host configuration `lab up --config` wrote: removed too.")] = None,
                  as_json: JsonOption = False) -> None:
-    """Remove the lab: its namespaces, sink processes and files."""
+    """Remove the lab: its namespaces, processes (sinks; a fleet lab's etcd, daemons and agents) and files."""
     from manager.lab import lab_down
 
     lab_down(prefix)
