@@ -639,6 +639,8 @@ def load_lab(prefix: str) -> Lab:
     state = _load_state(prefix)
     if state is None or not state.get("complete"):
         raise LabError(f"no complete lab {prefix!r} (no {LAB_ROOT / prefix / 'lab.json'}); run `netskin lab up`")
+    if state.get("kind") == "fleet":
+        raise LabError(f"lab {prefix!r} is a fleet lab (lab up --hosts); manager.fleet_lab.load_fleet_lab describes it")
     lab = _make_lab(prefix, state["vms"], Path(state["workdir"]),
                     {p["name"]: p["pid"] for p in state["processes"]},
                     guests=state.get("guests", 0), bridge=state.get("bridge", False), accel=state.get("accel"))
