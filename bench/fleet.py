@@ -1,12 +1,13 @@
 """The fleet's benchmark: how fast the manager and the store take assignments, and how long a fleet
 apply takes to be in force on every host, for 10, 100 and 1000 VMs.
 
-    python -m bench.fleet [--hosts 4] [--per-host 250] [--sizes 10,100,1000] [--repeats 10] [--json FILE]
+    python -m bench.fleet [--hosts 4] [--vms 1] [--per-host 250] [--sizes 10,100,1000] [--repeats 10] [--json FILE]
     python -m bench.run --only fleet      (the same, with its defaults)
 
 Builds a fleet lab (``manager.fleet_lab``: etcd with TLS and auth in its control namespace, real
 daemons and agents on every host), each host with one namespace VM and the rest VMs without
-traffic (veth ends the daemon steers like any VM), and removes it at the end. Per row, VMs are
+traffic (veth ends the daemon steers like any VM), and removes it at the end. ``--vms 2
+--per-host 2 --hosts 3``: the demo's lab (3 hosts × 2 namespace VMs), for the spread alone. Per row, VMs are
 taken round-robin across the hosts, so every row touches every host. Rows:
 
 - assignments/s: the manager's side of ``netskin apply`` (read the fleet, resolve names, plan,
@@ -136,19 +137,22 @@ def table(results: dict, hosts: int) -> Table:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=4)
-    parser.add_argument("--per-host", type=int, default=250, help="VMs per host (one with traffic, the rest idle)")
+    parser.add_argument("--vms", type=int, default=1, help="VMs with a namespace (traffic) per host")
+    parser.add_argument("--per-host", type=int, default=250, help="VMs per host in all (the rest have no traffic)")
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--spread-repeats", type=int, default=20)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if not 1 <= args.vms <= args.per_host:
+        parser.error("--vms: between 1 and --per-host")
     if max(sizes) > args.hosts * args.per_host:
         parser.error(f"--sizes up to {max(sizes)} needs --hosts × --per-host ≥ that")
     prefix = "nskbf" + secrets.token_hex(3)
     started = time.monotonic()
     try:
-        lab = fleet_lab_up(prefix, args.hosts, 1, idle_vms=args.per_host - 1, lease_ttl_s=10,
+        lab = fleet_lab_up(prefix, args.hosts, args.vms, idle_vms=args.per_host - args.vms, lease_ttl_s=10,
                            say=lambda text: out.print(f"[dim]{text}[/]"))
         results = run(lab, sizes, args.repeats, args.spread_repeats)
     finally:
