@@ -36,8 +36,7 @@ from rich.table import Table
 
 from bench.stats import median, percentile
 from manager import fleetctl
-from manager.fleet_lab import FleetLab, fleet_lab_up
-from manager.lab import lab_down
+from manager.fleet_lab import FleetLab, fleet_lab_down, fleet_lab_up
 from manager.store import Store
 
 SKINS = {"bench-fleet-a": {"latency_ms": 20}, "bench-fleet-b": {"latency_ms": 30}}
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                            say=lambda text: out.print(f"[dim]{text}[/]"))
         results = run(lab, sizes, args.repeats, args.spread_repeats)
     finally:
-        lab_down(prefix)
+        fleet_lab_down(prefix)
     out.print(table(results, args.hosts))
     for label, spreads in results["spread"].items():
         out.print(f"swap spread across {args.hosts} hosts ({args.hosts * 2} VMs), {label}: "

@@ -722,9 +722,9 @@ def lab_down_cmd(ctx: typer.Context, prefix: PrefixOption = "nsk",
                      help="The host configuration `lab up --config` wrote: removed too.")] = None,
                  as_json: JsonOption = False) -> None:
     """Remove the lab: its namespaces, processes (sinks; a fleet lab's etcd, daemons and agents) and files."""
-    from manager.lab import lab_down
+    from manager.fleet_lab import fleet_lab_down
 
-    lab_down(prefix)
+    fleet_lab_down(prefix)
     target = config_option(ctx, config)
     removed = None
     if target is not None and _written_by_lab(target, prefix):

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from manager import measure
-from manager.fleet_lab import FleetLab, fleet_lab_up
-from manager.lab import LabError, lab_down
+from manager.fleet_lab import FleetLab, fleet_lab_down, fleet_lab_up
+from manager.lab import LabError
 
 SKINS = {"fleet-demo-slow": {"latency_ms": 200}, "fleet-demo-steady": {"latency_ms": 50}}
 AT_AHEAD = "+2s"
@@ -72,7 +72,7 @@ def run_fleet_demo(hosts: int = 3, vms: int = 2, prefix: str = "nskfd", console:
         after = rtts(lab)
     finally:
         say(f"[dim]removing the fleet lab {prefix}[/]")
-        lab_down(prefix)
+        fleet_lab_down(prefix)
     rows = [{"host": t["host"], "vm": t["vm"], "rtt_before_ms": before[t["vm"]],
              "rtt_slow_ms": after_at[t["vm"]], "rtt_steady_ms": after[t["vm"]],
              "late_ms": t["late_ms"]} for t in with_at["targets"]]

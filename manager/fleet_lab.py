@@ -415,6 +415,22 @@ def _store_table(lab: FleetLab, etcd: Etcd, host: str) -> str:
                       f"password_file = {q(str(cred.password_file))}"]) + "\n"
 
 
+def fleet_lab_down(prefix: str) -> None:
+    """``lab_down``, after stopping a fleet lab's processes in order: agents first (each revokes its
+    lease while etcd still answers), then daemons (each removes its steering), then etcd. Any lab."""
+    state = _load_state(prefix) or {}
+    if state.get("kind") == "fleet":
+        order = ("agent-", "daemon-", "etcd-")
+        for kind in order:
+            for proc in state.get("processes", []):
+                if proc["name"].startswith(kind):
+                    try:
+                        _stop_pid(proc["pid"], proc["argv"], signal.SIGTERM, 5.0)
+                    except OSError:
+                        pass  # gone meanwhile; lab_down sweeps whatever is left
+    lab_down(prefix)
+
+
 # --- processes -----------------------------------------------------------------------------------
 
 
