@@ -753,8 +753,9 @@ def demo_cmd(ctx: typer.Context, skin: Annotated[str, typer.Option(help="The ski
              png: Annotated[Path, typer.Option(help="With --timeline: where to write the picture "
                                                     "(the recording goes beside it, .json).")] = Path("netskin-timeline.png"),
              hosts: Annotated[int, typer.Option(
-                 min=0, max=16, help="A fleet lab with this many hosts (2 VMs each): one fleet apply with --at "
-                                     "and one without, RTT of every VM and the spread of swap times across hosts.")] = 0,
+                 min=0, max=16, help="A fleet lab with this many hosts (2 VMs each): one fleet apply with "
+                                     "--at and one without, RTT of every VM and the spread of swap times "
+                                     "across hosts.")] = 0,
              as_json: JsonOption = False) -> None:
     """Lab up, daemon started, a skin applied, and its effect measured before and after."""
     if hosts:

@@ -240,7 +240,8 @@ def load_fleet_lab(prefix: str) -> FleetLab:
 
 
 def fleet_lab_up(prefix: str = "nsk", hosts: int = 3, vms: int = 2, *, etcd_members: int = 1,
-                 idle_vms: int = 0, lease_ttl_s: int = LEASE_TTL_S, say: Callable[[str], None] | None = None) -> FleetLab:
+                 idle_vms: int = 0, lease_ttl_s: int = LEASE_TTL_S,
+                 say: Callable[[str], None] | None = None) -> FleetLab:
     """Build the fleet lab and start etcd, every host's daemon and agent; on failure remove it all."""
     if not _PREFIX_RE.fullmatch(prefix):
         raise LabError(f"lab prefix {prefix!r}: use 1-16 lowercase letters and digits, starting with a letter")
