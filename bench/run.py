@@ -1,6 +1,6 @@
 """netskin's benchmark: speed against a bare NFQUEUE loop, and fidelity against what a skin asks.
 
-    python -m bench.run [--quick] [--only pause|trace] [--json FILE]
+    python -m bench.run [--quick] [--only pause|trace|fleet] [--json FILE]
 
 Builds a private lab (``manager.lab``, a random prefix, removed at the end), then measures in one
 run, so every ratio compares numbers taken on the same machine minutes apart:
@@ -17,6 +17,8 @@ run, so every ratio compares numbers taken on the same machine minutes apart:
 - cost against the number of VMs: CPU per packet of the whole machine and of the daemon with 1,
   100 and 500 configured VMs, the measured one listed last (``bench.vms``; alone with
   ``--only vms``).
+- the fleet: assignments/s and apply → enforced on every host for 10, 100 and 1000 VMs, and the
+  swap spread across hosts (``bench.fleet``; alone, with ``--only fleet``: it builds a fleet lab).
 
 The daemon runs with ``fail_mode = closed`` here: when it cannot keep up the kernel drops, and
 the drop is measured, instead of letting packets bypass it unseen.
@@ -592,15 +594,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rates (about 2 minutes)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the lab's logs and configs")
-    parser.add_argument("--only", choices=["pause", "trace", "vms"],
+    parser.add_argument("--only", choices=["pause", "trace", "vms", "fleet"],
                         help="run only this row: pause = the data path's longest pause under skin churn, "
                              "trace = throughput per second through the shipped traces, "
-                             "vms = CPU per packet with 1, 100 and 500 configured VMs")
+                             "vms = CPU per packet with 1, 100 and 500 configured VMs, "
+                             "fleet = the fleet lab's apply rows (python -m bench.fleet, its defaults)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="--only vms: rounds over the VM counts (default 3, quick 2)")
     parser.add_argument("--profiles", action="store_true",
                         help="--only vms: every VM configured with a skin that has a firewall profile")
     args = parser.parse_args(argv)
+    if args.only == "fleet":  # a lab of its own (etcd, hosts, agents): not the one-VM lab below
+        from bench import fleet
+
+        return fleet.main(["--json", str(args.json)] if args.json else [])
     plan = QUICK if args.quick else FULL
     if args.only == "pause":
         plan = replace(plan, pause=plan.pause or PausePlan())

@@ -638,10 +638,18 @@ def lab_up_cmd(ctx: typer.Context, vms: Annotated[int, typer.Option(min=1, max=5
                bridge: Annotated[bool, typer.Option(
                    "--bridge", help="With --guests: the guests' taps are ports of a bridge the hypervisor "
                                     "routes and NATs for (libvirt's default), not routed taps.")] = False,
+               hosts: Annotated[int, typer.Option(
+                   min=0, max=16, help="A fleet lab: this many hypervisor hosts, each with its daemon, agent and "
+                                       "--vms VMs, and a control namespace with etcd (0: the one-host lab).")] = 0,
+               etcd_members: Annotated[int, typer.Option(
+                   min=1, max=3, help="With --hosts: etcd members in the control namespace (1 or 3).")] = 1,
                as_json: JsonOption = False) -> None:
-    """Build the lab: a hypervisor, N VMs (namespaces or QEMU guests) and an internet namespace."""
+    """Build the lab: a hypervisor, N VMs (namespaces or QEMU guests) and an internet namespace;
+    with --hosts, a fleet of hypervisors with etcd, daemons and agents."""
     from manager.lab import LabError, lab_down, lab_up
 
+    if hosts:
+        return _fleet_lab_up(ctx, hosts, vms, etcd_members, prefix, config, guests, json_option(ctx, as_json))
     target = config_option(ctx, config)
     if target is not None:
         _check_lab_config_target(target)
@@ -677,6 +685,31 @@ def lab_up_cmd(ctx: typer.Context, vms: Annotated[int, typer.Option(min=1, max=5
     typer.echo(f"start the daemon:  netskin-interceptor --config {config_path}")
 
 
+def _fleet_lab_up(ctx: typer.Context, hosts: int, vms: int, etcd_members: int, prefix: str, config: Path | None,
+                  guests: int, as_json: bool) -> None:
+    from manager.fleet_lab import fleet_lab_up
+    from manager.lab import LabError
+
+    if guests or config_option(ctx, config) is not None:
+        fail("--hosts builds a fleet lab of namespace VMs and writes its own configurations; "
+             "leave out --guests and --config")
+    try:
+        lab = fleet_lab_up(prefix, hosts, vms, etcd_members=etcd_members,
+                           say=lambda text: typer.echo(text, err=True))
+    except LabError as exc:
+        fail(f"{exc}")
+    if as_json:
+        print_json(lab.describe())
+        return
+    for name, host in lab.hosts.items():
+        typer.echo(f"{name} ({host.hv_ns}): {', '.join(f'{vm.name} {vm.address}' for vm in host.vms)}; "
+                   f"config {host.config_path}")
+    typer.echo(f"etcd: {', '.join(lab.endpoints)} in {lab.ctl_ns}")
+    typer.echo(f"manager config: {lab.manager_config}")
+    typer.echo(f"the fleet:  ip netns exec {lab.ctl_ns} netskin --config {lab.manager_config} status")
+    typer.echo(f"remove it:  netskin lab down --prefix {lab.prefix}")
+
+
 def _written_by_lab(path: Path, prefix: str | None = None) -> bool:
     mark = LAB_CONFIG_MARK + (f" for lab {prefix};" if prefix is not None else "")
     try:
@@ -702,10 +735,10 @@ def lab_down_cmd(ctx: typer.Context, prefix: PrefixOption = "nsk",
                      "--config", metavar="PATH", show_default=False,
                      help="The host configuration `lab up --config` wrote: removed too.")] = None,
                  as_json: JsonOption = False) -> None:
-    """Remove the lab: its namespaces, sink processes and files."""
-    from manager.lab import lab_down
+    """Remove the lab: its namespaces, processes (sinks; a fleet lab's etcd, daemons and agents) and files."""
+    from manager.fleet_lab import fleet_lab_down
 
-    lab_down(prefix)
+    fleet_lab_down(prefix)
     target = config_option(ctx, config)
     removed = None
     if target is not None and _written_by_lab(target, prefix):
@@ -733,8 +766,24 @@ def demo_cmd(ctx: typer.Context, skin: Annotated[str, typer.Option(help="The ski
              seconds: Annotated[float, typer.Option(min=2, max=3600, help="With --timeline: how long to record.")] = 30.0,
              png: Annotated[Path, typer.Option(help="With --timeline: where to write the picture "
                                                     "(the recording goes beside it, .json).")] = Path("netskin-timeline.png"),
+             hosts: Annotated[int, typer.Option(
+                 min=0, max=16, help="A fleet lab with this many hosts (2 VMs each): one fleet apply with "
+                                     "--at and one without, RTT of every VM and the spread of swap times "
+                                     "across hosts.")] = 0,
              as_json: JsonOption = False) -> None:
     """Lab up, daemon started, a skin applied, and its effect measured before and after."""
+    if hosts:
+        from manager.fleet_demo import run_fleet_demo
+        from manager.lab import LabError
+
+        as_json = json_option(ctx, as_json)
+        try:
+            result = run_fleet_demo(hosts, console=None if as_json else console)
+        except LabError as exc:
+            fail(f"{exc}")
+        if as_json:
+            print_json(result)
+        return
     from manager.demo import run_demo, run_timeline_demo
     from manager.guests import run_guest_demo
     from manager.lab import LabError

@@ -176,10 +176,13 @@ def _make_guest(i: int, bridge: bool) -> LabVM:
 
 
 def _make_lab(prefix: str, vms: int, workdir: Path, pids: dict[str, int] | None = None,
-              guests: int = 0, bridge: bool = False, accel: str | None = None) -> Lab:
+              guests: int = 0, bridge: bool = False, accel: str | None = None, *,
+              first_vm: int = 1, hv_ns: str | None = None) -> Lab:
+    """The lab's description; ``first_vm``/``hv_ns``: one host of a fleet lab, whose VMs are
+    numbered on from the hosts before it (VM n is 10.77.n.2 wherever it lives)."""
     return Lab(
         prefix=prefix,
-        hv_ns=f"{prefix}-hv",
+        hv_ns=hv_ns or f"{prefix}-hv",
         inet_ns=f"{prefix}-inet",
         bridge=BRIDGE if guests and bridge else None,
         accel=accel,
@@ -194,7 +197,7 @@ def _make_lab(prefix: str, vms: int, workdir: Path, pids: dict[str, int] | None 
                 gateway6=f"fd77:{i}::1",
                 mac=f"02:77:00:00:{i:02x}:02",
             )
-            for i in range(1, vms + 1)
+            for i in range(first_vm, first_vm + vms)
         ),
         workdir=workdir,
         config_path=workdir / "netskin.toml",
@@ -204,7 +207,8 @@ def _make_lab(prefix: str, vms: int, workdir: Path, pids: dict[str, int] | None 
 
 
 def _lab_ns_re(prefix: str) -> re.Pattern[str]:
-    return re.compile(rf"{re.escape(prefix)}-(hv|inet|vm\d+)")
+    # hvN and ctl: the hosts and the control namespace of a fleet lab (manager/fleet_lab.py).
+    return re.compile(rf"{re.escape(prefix)}-(hv|hv\d+|ctl|inet|vm\d+)")
 
 
 # --- building --------------------------------------------------------------------------------
@@ -283,6 +287,18 @@ def _build(lab: Lab, state: dict, say) -> None:
     if lab.guests:
         _build_guest_links(lab)
 
+    _write_resolv_confs(lab, state)
+    lab.config_path.write_text(host_config_toml(lab))
+    _start_sinks(lab, state)
+    if lab.guests:
+        _boot_guests(lab, state, image, say)
+    state["complete"] = True
+    _save_state(state)
+    log.info("lab %s is up: %d VMs, config %s", lab.prefix, len(lab.vms), lab.config_path)
+
+
+def _write_resolv_confs(lab: Lab, state: dict) -> None:
+    """Each namespace VM's /etc/resolv.conf (``ip netns exec`` mounts /etc/netns/NS/ over /etc)."""
     for vm in lab.vms:
         if vm.netns is None:
             continue
@@ -296,14 +312,6 @@ def _build(lab: Lab, state: dict, say) -> None:
             except FileNotFoundError:
                 continue
         (conf_dir / "resolv.conf").write_text(f"nameserver {lab.dns_servers[0]}\n")
-
-    lab.config_path.write_text(host_config_toml(lab))
-    _start_sinks(lab, state)
-    if lab.guests:
-        _boot_guests(lab, state, image, say)
-    state["complete"] = True
-    _save_state(state)
-    log.info("lab %s is up: %d VMs, config %s", lab.prefix, len(lab.vms), lab.config_path)
 
 
 # --- guests ----------------------------------------------------------------------------------
@@ -403,11 +411,6 @@ def _build_links(lab: Lab) -> None:
         _set_up(hv, "lo")
         hv.link("add", ifname="up0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": lab.inet_ns})
         _configure(hv, "up0", "02:77:00:00:00:01", [(UPLINK_HV_ADDRESS, 24), (UPLINK_HV_ADDRESS6, 64)])
-        for i, vm in enumerate(lab.vms, start=1):
-            if vm.netns is None:
-                continue  # a guest: its tap is made by _build_guest_links
-            hv.link("add", ifname=vm.interface, kind="veth", peer={"ifname": "eth0", "net_ns_fd": vm.netns})
-            _configure(hv, vm.interface, f"02:77:00:00:{i:02x}:01", [(vm.gateway, 24), (vm.gateway6, 64)])
 
     with IPRoute(netns=lab.inet_ns, flags=0) as inet:
         _set_up(inet, "lo")
@@ -418,6 +421,19 @@ def _build_links(lab: Lab) -> None:
         inet.route("add", dst=LAB_NET6[0], dst_len=LAB_NET6[1], gateway=UPLINK_HV_ADDRESS6,
                    family=socket.AF_INET6)
 
+    _build_vm_links(lab)
+    _wait_links_ready(lab)
+
+
+def _build_vm_links(lab: Lab) -> None:
+    """A veth per namespace VM: ``tap-vmN`` in the hv namespace holds its gateway, eth0 in the VM."""
+    with IPRoute(netns=lab.hv_ns, flags=0) as hv:
+        for vm in lab.vms:
+            if vm.netns is None:
+                continue  # a guest: its tap is made by _build_guest_links
+            hv.link("add", ifname=vm.interface, kind="veth", peer={"ifname": "eth0", "net_ns_fd": vm.netns})
+            _configure(hv, vm.interface, vm.mac[:-2] + "01", [(vm.gateway, 24), (vm.gateway6, 64)])
+
     for vm in lab.vms:
         if vm.netns is None:
             continue
@@ -427,8 +443,6 @@ def _build_links(lab: Lab) -> None:
             ipr.route("add", dst="default", gateway=vm.gateway)
             ipr.route("add", dst="default", gateway=vm.gateway6, family=socket.AF_INET6)
 
-    _wait_links_ready(lab)
-
 
 def _wait_links_ready(lab: Lab) -> None:
     """Wait until every veth end is operationally up and has its IPv6 link-local address.
@@ -437,8 +451,13 @@ def _wait_links_ready(lab: Lab) -> None:
     packet sent before that is dropped and neighbour discovery retries only after a second,
     which would show up as a one-second first ping.
     """
+    wait_namespaces_ready(lab.namespaces)
+
+
+def wait_namespaces_ready(namespaces) -> None:
+    """Every link but lo in these namespaces operationally up with its IPv6 link-local address."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    for name in lab.namespaces:
+    for name in namespaces:
         with IPRoute(netns=name, flags=0) as ipr:
             while True:
                 pending = _links_not_ready(ipr)
@@ -620,6 +639,8 @@ def load_lab(prefix: str) -> Lab:
     state = _load_state(prefix)
     if state is None or not state.get("complete"):
         raise LabError(f"no complete lab {prefix!r} (no {LAB_ROOT / prefix / 'lab.json'}); run `netskin lab up`")
+    if state.get("kind") == "fleet":
+        raise LabError(f"lab {prefix!r} is a fleet lab (lab up --hosts); manager.fleet_lab.load_fleet_lab describes it")
     lab = _make_lab(prefix, state["vms"], Path(state["workdir"]),
                     {p["name"]: p["pid"] for p in state["processes"]},
                     guests=state.get("guests", 0), bridge=state.get("bridge", False), accel=state.get("accel"))

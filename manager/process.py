@@ -13,11 +13,12 @@ from interceptor.schema import load_host_config
 
 
 class DaemonProcess:
-    def __init__(self, config_path: Path, log_path: Path | None = None) -> None:
+    def __init__(self, config_path: Path, log_path: Path | None = None, *, detach: bool = False) -> None:
         self.config_path = Path(config_path)
         self.config = load_host_config(self.config_path)
         self.socket = Path(self.config.control_socket)
         self.log_path = log_path or self.config_path.with_name("interceptor.log")
+        self.detach = detach  # a session of its own: it outlives the caller's terminal (the fleet lab)
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -28,8 +29,10 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.command(self.config_path),
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=self.detach,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -180,3 +180,27 @@ def test_the_wheels_daemon_enforces_a_shipped_profile(wheel_install, lab, monkey
         after = connect_from_inet(lab, 22, 80)
         assert after[22] == "open", after
         assert after[80] in ("refused", "timeout"), after
+
+
+def test_the_wheels_fleet_lab_runs_without_the_checkout(wheel_install, request):
+    """`lab up --hosts` from the wheel: etcd, daemons and agents all run the installed package."""
+    from manager.etcd_lab import etcd_skip_reason
+    from manager.lab import lab_down
+    from tests.conftest import lab_skip_reason, unique_lab_prefix
+
+    reason = lab_skip_reason() or etcd_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    prefix = unique_lab_prefix()
+    request.addfinalizer(lambda: lab_down(prefix))
+    lab = json.loads(must(wheel_install.run("netskin", "lab", "up", "--hosts", "2", "--vms", "1", "--prefix", prefix,
+                                            "--json"), "netskin lab up --hosts 2").stdout)
+    assert sorted(lab["hosts"]) == ["hv1", "hv2"]
+    status = must(run(["ip", "netns", "exec", lab["etcd"]["namespace"], wheel_install.bin / "netskin", "status",
+                       "--json", "--config", lab["manager_config"]], cwd=wheel_install.outside), "fleet status")
+    assert [h["state"] for h in json.loads(status.stdout)["hosts"]] == ["alive", "alive"]
+    state = json.loads((Path("/run/netskin-lab") / prefix / "lab.json").read_text())
+    python = [p["argv"][0] for p in state["processes"] if p["name"].startswith(("daemon-", "agent-"))]
+    assert python and all(Path(exe).parent == wheel_install.bin for exe in python), python
+    must(wheel_install.run("netskin", "lab", "down", "--prefix", prefix), "netskin lab down")
+    assert not (Path("/run/netskin-lab") / prefix).exists()
