@@ -17,7 +17,6 @@ import hmac
 import ipaddress
 import json
 import os
-import secrets
 import signal
 import tempfile
 from functools import partial
@@ -36,6 +35,8 @@ from interceptor.assignments import AssignmentStore
 from interceptor.library import Entry
 from interceptor.schema import _NAME_RE, HostConfig, Skin, SkinError, UserError, validate_skin
 from manager import assign, metrics
+from manager.api_common import (PERSONA_FIELDS, ApiError, from_persona, new_persona_id, persona_data,
+                                read_document, route, user_error)
 from manager.library import LibraryError, SkinLibrary, effective_links, entry_data, in_use_message, worn_by
 
 DEFAULT_HOST = "127.0.0.1"
@@ -46,23 +47,6 @@ MAX_BODY_BYTES = 1 << 20  # a skin is a few hundred bytes; this only stops abuse
 # A request body stands in for the FILE of `netskin skins create FILE`; messages that name the
 # temporary file it was written to name it like the CLI's usage line instead.
 BODY_AS_FILE = "FILE"
-
-
-class ApiError(Exception):
-    """Ends a request with ``status`` and ``{"error": message, **extra}``."""
-
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.extra = extra
-
-
-def _user_error(status: int, error: UserError, **extra: Any) -> ApiError:
-    lines = error.lines
-    if len(lines) > 1:
-        extra["errors"] = lines
-    return ApiError(status, "; ".join(lines), **extra)
 
 
 # --- listening: loopback, or a token ----------------------------------------------------------
@@ -148,7 +132,7 @@ class Api:
         return JSONResponse([entry_data(entry) for entry in entries])
 
     async def create_skin(self, request: Request) -> Response:
-        document = await _document(request)
+        document = await read_document(request)
         entry = await run_in_threadpool(self._create, document)
         return JSONResponse(entry_data(entry), status_code=201)
 
@@ -157,7 +141,7 @@ class Api:
         return JSONResponse(entry_data(entry) | {"effective": effective_links(entry)})
 
     async def update_skin(self, request: Request) -> Response:
-        document = await _document(request)
+        document = await read_document(request)
         entry = await run_in_threadpool(self._update, request.path_params["name"], document)
         return JSONResponse(entry_data(entry))
 
@@ -168,25 +152,25 @@ class Api:
         try:
             skin = validate_skin(document)  # the body has no file stem to name it
         except SkinError as error:
-            raise _user_error(400, error) from None
+            raise user_error(400, error) from None
         with _as_file(document, skin.name) as source:
             try:
                 return self.library.create(source)
             except LibraryError as error:
                 taken = any(entry.name == skin.name for entry in self.library.entries())
-                raise _user_error(409 if taken else 500, _renamed(error, source)) from None
+                raise user_error(409 if taken else 500, _renamed(error, source)) from None
 
     def _update(self, name: str, document: dict) -> Entry:
         self._entry(name)  # 404 before 400: the URL names a skin that must exist
         try:
             skin = validate_skin(document, default_name=name)
         except SkinError as error:
-            raise _user_error(400, error) from None
+            raise user_error(400, error) from None
         with _as_file(document, name) as source:
             try:
                 return self.library.update(name, source)
             except LibraryError as error:  # the body names another skin, or skins_dir is not writable
-                raise _user_error(400 if skin.name != name else 500, _renamed(error, source)) from None
+                raise user_error(400 if skin.name != name else 500, _renamed(error, source)) from None
 
     def _delete(self, name: str) -> dict:
         entry = self._entry(name)
@@ -196,7 +180,7 @@ class Api:
         try:
             entry = self.library.delete(name)
         except LibraryError as error:  # a preset, or skins_dir is not writable
-            raise _user_error(409 if entry.origin == "preset" else 500, error) from None
+            raise user_error(409 if entry.origin == "preset" else 500, error) from None
         uncovered = any(e.name == name and e.origin == "preset" for e in self.library.entries())
         return {"deleted": entry.name, "path": str(entry.path), "preset_visible": uncovered}
 
@@ -204,12 +188,12 @@ class Api:
         try:
             return self.library.entry(name)
         except LibraryError as error:
-            raise _user_error(404, error) from None
+            raise user_error(404, error) from None
 
     def _valid_entry(self, name: str) -> Entry:
         entry = self._entry(name)
         if entry.skin is None:
-            raise _user_error(400, SkinError(list(entry.errors)))
+            raise user_error(400, SkinError(list(entry.errors)))
         return entry
 
     # -- VMs ------------------------------------------------------------------------------------
@@ -271,13 +255,13 @@ class Api:
     # -- personas -------------------------------------------------------------------------------
 
     async def create_persona(self, request: Request) -> Response:
-        document = _from_persona(await _document(request))
+        document = from_persona(await read_document(request))
         entry = await run_in_threadpool(self._create_persona, document)
         return JSONResponse(persona_data(entry.skin, entry.document), status_code=201)
 
     async def update_persona(self, request: Request) -> Response:
         persona_id = request.path_params["id"]
-        document = _from_persona(await _document(request))
+        document = from_persona(await read_document(request))
         entry = await run_in_threadpool(self._update, persona_id, document)
         return JSONResponse(persona_data(entry.skin, entry.document))
 
@@ -296,9 +280,9 @@ class Api:
         """A persona as the seed writes it has no name: the API makes one (``persona-<hex>``)."""
         if document.get("name") is None and document.get("skin_name") is None:
             taken = {entry.name for entry in self.library.entries()}
-            persona_id = _new_persona_id()
+            persona_id = new_persona_id()
             while persona_id in taken:
-                persona_id = _new_persona_id()
+                persona_id = new_persona_id()
             document = {"name": persona_id, **{k: v for k, v in document.items() if k != "name"}}
         return self._create(document)
 
@@ -307,7 +291,7 @@ class Api:
         try:
             self.config.vm_queues(vm)  # its message names the configured VMs
         except UserError as error:
-            raise _user_error(404, error) from None
+            raise user_error(404, error) from None
         assignment = self.store.load(vm)
         if assignment is None or assignment.active is None:
             raise ApiError(404, f"VM {vm!r} wears no skin; apply one with POST /vms/{vm}/persona/ID")
@@ -350,31 +334,21 @@ def create_app(config: HostConfig, token: str | None = None, verify_timeout: flo
 
 def _host_routes(api: Api, openapi: Callable) -> list[Route]:
     return [
-        _route("/skins", GET=api.list_skins, POST=api.create_skin),
-        _route("/skins/{name}", GET=api.show_skin, PUT=api.update_skin, DELETE=api.delete_skin),
-        _route("/vms", GET=api.list_vms),
-        _route("/vms/{vm_id}", GET=api.show_vm),
-        _route("/vms/{vm_id}/skins/{name}", POST=api.apply),
-        _route("/vms/{vm_id}/rollback", POST=api.rollback),
-        _route("/vms/{vm_id}/revert", POST=api.revert),
-        _route("/vms/{vm_id}/persona", GET=api.vm_persona),
-        _route("/vms/{vm_id}/persona/{persona_id}", POST=api.apply_persona),
-        _route("/personas/create", POST=api.create_persona),
-        _route("/personas/update/{id}", PUT=api.update_persona),
-        _route("/personas/get/{id}", GET=api.get_persona),
-        _route("/metrics", GET=api.metrics),
-        _route("/openapi.json", GET=openapi),
+        route("/skins", GET=api.list_skins, POST=api.create_skin),
+        route("/skins/{name}", GET=api.show_skin, PUT=api.update_skin, DELETE=api.delete_skin),
+        route("/vms", GET=api.list_vms),
+        route("/vms/{vm_id}", GET=api.show_vm),
+        route("/vms/{vm_id}/skins/{name}", POST=api.apply),
+        route("/vms/{vm_id}/rollback", POST=api.rollback),
+        route("/vms/{vm_id}/revert", POST=api.revert),
+        route("/vms/{vm_id}/persona", GET=api.vm_persona),
+        route("/vms/{vm_id}/persona/{persona_id}", POST=api.apply_persona),
+        route("/personas/create", POST=api.create_persona),
+        route("/personas/update/{id}", PUT=api.update_persona),
+        route("/personas/get/{id}", GET=api.get_persona),
+        route("/metrics", GET=api.metrics),
+        route("/openapi.json", GET=openapi),
     ]
-
-
-def _route(path: str, **handlers: Callable) -> Route:
-    """One route per path, so a wrong method gets 405 with every allowed method in Allow."""
-    handlers.setdefault("HEAD", handlers.get("GET"))
-
-    async def endpoint(request: Request) -> Response:
-        return await handlers[request.method](request)
-
-    return Route(path, endpoint, methods=[m for m, h in handlers.items() if h is not None])
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -397,20 +371,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 # --- request bodies and response shapes --------------------------------------------------------
 
 
-async def _document(request: Request) -> dict:
-    """The request body: one JSON object of skin fields."""
-    body = await request.body()
-    try:
-        document = json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"request body: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:  # undecodable bytes, huge integers, deep nesting
-        raise ApiError(400, f"request body: not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise ApiError(400, f"request body: expected a JSON object of skin fields, got {type(document).__name__}")
-    return document
-
-
 class _as_file:
     """The body written as ``NAME.json`` in a private temporary directory, for the library's file API."""
 
@@ -429,43 +389,6 @@ class _as_file:
 
 def _renamed(error: UserError, source: Path) -> UserError:
     return type(error)([line.replace(str(source), BODY_AS_FILE) for line in error.lines])
-
-
-# A persona's fields and the skin fields they restate.
-PERSONA_FIELDS = ("qos_priority", "security_profile", "simulated_latency_ms", "packet_loss_probability",
-                  "bandwidth_limit_kbps")
-
-
-def _from_persona(document: dict) -> dict:
-    """A persona body as a skin document: ``id`` is the skin's ``name``."""
-    if "id" not in document:
-        return document
-    document = dict(document)
-    persona_id = document.pop("id")
-    if not isinstance(persona_id, str):
-        raise ApiError(400, f"id: expected text, got {json.dumps(persona_id)}")
-    if "name" in document and document["name"] != persona_id:
-        raise ApiError(400, f"id: {json.dumps(persona_id)} conflicts with name: {json.dumps(document['name'])} "
-                            f"(they mean the same thing; give one)")
-    return {"name": persona_id, **document}
-
-
-def _new_persona_id() -> str:
-    return f"persona-{secrets.token_hex(3)}"
-
-
-def persona_data(skin: Skin | None, document: dict | None) -> dict[str, Any]:
-    """A skin in the persona seed's vocabulary, with the document as written."""
-    assert skin is not None
-    return {
-        "id": skin.name,
-        "qos_priority": skin.qos_priority,
-        "security_profile": skin.security_profile,
-        "simulated_latency_ms": skin.latency_ms,
-        "packet_loss_probability": round(skin.packet_loss_percent / 100, 12),
-        "bandwidth_limit_kbps": skin.bandwidth_limit_kbps,
-        "document": document,
-    }
 
 
 # --- the OpenAPI document ----------------------------------------------------------------------

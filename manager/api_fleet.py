@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from interceptor.schema import HostConfig, SkinError, UserError, validate_skin
 from manager import fleetctl
-from manager.api import ApiError, _document, _from_persona, _new_persona_id, _route, _user_error, persona_data
+from manager.api_common import ApiError, from_persona, new_persona_id, persona_data, read_document, route, user_error
 from manager.cli_fleet import outcome_data
 from manager.fleetctl import Conflict, NotFound, Refused
 from manager.library import effective_links, entry_data
@@ -39,11 +39,11 @@ class FleetApi:
         except Conflict as exc:
             raise ApiError(409, "; ".join(exc.lines), vms=exc.vms) from None
         except NotFound as exc:
-            raise _user_error(404, exc) from None
+            raise user_error(404, exc) from None
         except Refused as exc:
-            raise _user_error(409, exc) from None
+            raise user_error(409, exc) from None
         except UserError as exc:  # invalid skin documents, ambiguous names, a bad --at
-            raise _user_error(400, exc) from None
+            raise user_error(400, exc) from None
         except StoreError as exc:
             raise ApiError(503, f"the fleet store ({', '.join(self.config.store.endpoints)}) did not answer or "
                                 f"refused: {exc}") from None
@@ -97,7 +97,7 @@ class FleetApi:
 
     async def fleet_apply(self, request: Request) -> Response:
         """``{"vms": ["vm1", "hv2/b1"] | "vm1,hv2/b1", "skin": NAME, "at": TIME, "wait": SECONDS}``"""
-        body = await _document(request)
+        body = await read_document(request)
         vms, skin = body.get("vms"), body.get("skin")
         if isinstance(vms, list) and all(isinstance(vm, str) for vm in vms):
             vms = ",".join(vms)
@@ -147,12 +147,12 @@ class FleetApi:
         return JSONResponse(entry_data(entry) | {"effective": effective_links(entry)})
 
     async def create_skin(self, request: Request) -> Response:
-        document = await _document(request)
+        document = await read_document(request)
         entry = await self._store(lambda store: fleetctl.create_skin(store, document))
         return JSONResponse(entry_data(entry), status_code=201)
 
     async def update_skin(self, request: Request) -> Response:
-        document = await _document(request)
+        document = await read_document(request)
         entry = await self._store(lambda store: fleetctl.update_skin(store, request.path_params["name"], document))
         return JSONResponse(entry_data(entry))
 
@@ -162,19 +162,19 @@ class FleetApi:
     async def _valid_entry(self, name: str):
         entry = await self._store(lambda store: fleetctl.entry(store, name))
         if entry.skin is None:
-            raise _user_error(400, SkinError(list(entry.errors)))
+            raise user_error(400, SkinError(list(entry.errors)))
         return entry
 
     async def create_persona(self, request: Request) -> Response:
-        document = _from_persona(await _document(request))
+        document = from_persona(await read_document(request))
 
         async def go(store: Store):
             nonlocal document
             if document.get("name") is None and document.get("skin_name") is None:
                 taken = {entry.name for entry in await fleetctl.entries(store)}
-                persona_id = _new_persona_id()
+                persona_id = new_persona_id()
                 while persona_id in taken:
-                    persona_id = _new_persona_id()
+                    persona_id = new_persona_id()
                 document = {"name": persona_id, **document}
             return await fleetctl.create_skin(store, document)
 
@@ -183,7 +183,7 @@ class FleetApi:
 
     async def update_persona(self, request: Request) -> Response:
         persona_id = request.path_params["id"]
-        document = _from_persona(await _document(request))
+        document = from_persona(await read_document(request))
         entry = await self._store(lambda store: fleetctl.update_skin(store, persona_id, document))
         return JSONResponse(persona_data(entry.skin, entry.document))
 
@@ -202,19 +202,19 @@ def _vm_name(request: Request) -> str:
 def fleet_routes(config: HostConfig, openapi: Callable) -> list:
     api = FleetApi(config)
     return [
-        _route("/hosts", GET=api.hosts),
-        _route("/fleet/apply", POST=api.fleet_apply),
-        _route("/skins", GET=api.list_skins, POST=api.create_skin),
-        _route("/skins/{name}", GET=api.show_skin, PUT=api.update_skin, DELETE=api.delete_skin),
-        _route("/vms", GET=api.list_vms),
-        _route("/vms/{vm_id}", GET=api.show_vm),
-        _route("/vms/{vm_id}/skins/{name}", POST=api.apply),
-        _route("/vms/{vm_id}/rollback", POST=api.rollback),
-        _route("/vms/{vm_id}/revert", POST=api.revert),
-        _route("/vms/{vm_id}/persona", GET=api.vm_persona),
-        _route("/vms/{vm_id}/persona/{persona_id}", POST=api.apply_persona),
-        _route("/personas/create", POST=api.create_persona),
-        _route("/personas/update/{id}", PUT=api.update_persona),
-        _route("/personas/get/{id}", GET=api.get_persona),
-        _route("/openapi.json", GET=openapi),
+        route("/hosts", GET=api.hosts),
+        route("/fleet/apply", POST=api.fleet_apply),
+        route("/skins", GET=api.list_skins, POST=api.create_skin),
+        route("/skins/{name}", GET=api.show_skin, PUT=api.update_skin, DELETE=api.delete_skin),
+        route("/vms", GET=api.list_vms),
+        route("/vms/{vm_id}", GET=api.show_vm),
+        route("/vms/{vm_id}/skins/{name}", POST=api.apply),
+        route("/vms/{vm_id}/rollback", POST=api.rollback),
+        route("/vms/{vm_id}/revert", POST=api.revert),
+        route("/vms/{vm_id}/persona", GET=api.vm_persona),
+        route("/vms/{vm_id}/persona/{persona_id}", POST=api.apply_persona),
+        route("/personas/create", POST=api.create_persona),
+        route("/personas/update/{id}", PUT=api.update_persona),
+        route("/personas/get/{id}", GET=api.get_persona),
+        route("/openapi.json", GET=openapi),
     ]

@@ -785,7 +785,7 @@ def demo_cmd(ctx: typer.Context, skin: Annotated[str, typer.Option(help="The ski
             print_json(result)
         return
     from manager.demo import run_demo, run_timeline_demo
-    from manager.guests import run_guest_demo
+    from manager.demo import run_guest_demo
     from manager.lab import LabError
 
     as_json = json_option(ctx, as_json)

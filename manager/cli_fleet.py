@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, NoReturn, TypeVar
 import trio
 import typer
 from rich import box
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -29,6 +29,8 @@ from manager.library import entry_data
 from manager.store import Store, StoreError
 
 T = TypeVar("T")
+
+console = Console()
 
 
 def is_manager(config: HostConfig) -> bool:
@@ -166,7 +168,6 @@ def status(config: HostConfig, names: str | None, as_json: bool) -> None:
     if as_json:
         _print_json({"revision": view.revision, "hosts": hosts, "vms": vms})
         return
-    from manager.cli import console
 
     table = Table(box=box.SIMPLE_HEAD, title="hosts")
     for heading in ("host", "agent", "in sync", "last beat", "VMs"):
@@ -197,7 +198,6 @@ def status(config: HostConfig, names: str | None, as_json: bool) -> None:
 
 def top(config: HostConfig, interval: float, iterations: int, as_json: bool) -> None:
     """Rates from the conditions every agent publishes (every few seconds, so rates are coarse)."""
-    from manager.cli import console
 
     def render(rows: list[dict], view: fleetctl.FleetView) -> Group:
         # One line per VM and direction: the uplink line names the VM, the downlink line its skin.

@@ -9,6 +9,7 @@ drop-in is copied into the lab's own skins directory; the host's VMs and daemon 
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -21,12 +22,14 @@ from rich.table import Table
 
 from interceptor.library import SkinLibrary
 from interceptor.schema import load_host_config
-from manager import assign, measure
+from manager import assign, guests, measure
 from manager.lab import Lab, lab_down, lab_up
 from manager.process import DaemonProcess
 
 VM = "vm1"
 _NO_DROP_INS = Path("/nonexistent/netskin-demo-presets-only")
+
+log = logging.getLogger(__name__)
 
 
 def measure_vm(lab: Lab, seconds: float = 3.0) -> dict:
@@ -147,3 +150,58 @@ def run_timeline_demo(skin: str, seconds: float, png_path: Path, prefix: str = "
     return {"skin": skin, "vm": VM, "seconds": seconds, "png": str(png_path),
             "recording": str(Path(png_path).with_suffix(".json")), "probes": len(recording.probes),
             "lost": lost, "steps": recording.steps}
+
+
+# --- the demo on a guest ---------------------------------------------------------------------
+
+
+def measure_guest(lab, vm: str = "vm1", seconds: float = 3.0) -> dict:
+    """The demo's figures for a lab guest, measured from the internet namespace towards it."""
+    address = lab.vm(vm).address
+    ping = measure.ping(lab, "inet", address, count=20, interval=0.05)
+    probe = measure.udp_probe(lab, "inet", address, guests.ECHO_PORT, count=200, rate_pps=100, warm_up=True)
+
+    def iperf3(reverse: bool) -> float:  # measure.iperf3 waits for a server still winding down
+        return measure.iperf3(lab, "inet", guests.IPERF3_PORT, reverse=reverse, seconds=seconds, target=address)
+
+    return {
+        "rtt_ms": ping["rtt_median_ms"],
+        "loss_percent": probe["loss_percent"],
+        # The guest runs the iperf3 server: -R makes the guest send, which is its uplink.
+        "uplink_kbps": iperf3(reverse=True) / 1000,
+        "downlink_kbps": iperf3(reverse=False) / 1000,
+    }
+
+
+def run_guest_demo(skin: str, prefix: str = "nskdemo", console=None, skins_dir: Path | None = None,
+                   bridge: bool = False) -> dict:
+    """``netskin demo --guests``: the demo's measurement on a QEMU guest instead of a namespace VM."""
+    library = SkinLibrary(Path(skins_dir) if skins_dir is not None else _NO_DROP_INS)
+    library.get(skin)  # a bad name raises its UserError before anything is built
+    entry = library.entry(skin)
+    prefix = f"{prefix}{secrets.token_hex(2)}"
+    say = console.status if console else _quiet
+    note = console.print if console else (lambda text: log.info("%s", text))
+    try:
+        with say(f"building the lab {prefix} with a QEMU guest (the image is built once and cached)"):
+            lab = lab_up(prefix, vms=0, guests=1, bridge=bridge, say=note)
+        note(f"guest vm1 booted with {lab.accel.upper()} in {lab.boot_s['vm1']:.1f} s")
+        if entry.origin == "drop-in":
+            shutil.copyfile(entry.path, Path(load_host_config(lab.config_path).skins_dir) / entry.path.name)
+        with DaemonProcess(lab.config_path) as daemon:
+            with say("measuring without a skin"):
+                before = measure_guest(lab)
+            with say(f"applying {skin} to vm1"):
+                assign.apply(daemon.config, "vm1", skin)
+            with say(f"measuring with {skin}"):
+                after = measure_guest(lab)
+            goal = asked(lab, skin)
+        accel, boot_s = lab.accel, lab.boot_s["vm1"]
+    finally:
+        with say("removing the lab"):
+            lab_down(prefix)
+    result = {"skin": skin, "vm": "vm1", "guest": {"accel": accel, "boot_s": boot_s, "bridge": bridge},
+              "before": before, "after": after, "asked": goal}
+    if console:
+        console.print(_table(result))
+    return result
