@@ -349,7 +349,7 @@ class Harness:
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    self.iperf3(argv, skip_s + seconds, port=ONE_OFF_IPERF3_PORT, attempts=1)
+                    client = self.iperf3(argv, skip_s + seconds, port=ONE_OFF_IPERF3_PORT, attempts=1)
                     break
                 except BenchError:
                     if time.monotonic() > deadline or server.poll() is not None:
@@ -358,7 +358,8 @@ class Harness:
             report = self.finish(server, "the one-off iperf3 server", 15)
         finally:
             self.stop(server)
-        return _goodput(report["intervals"], skip_s)
+        return {**_goodput(report["intervals"], skip_s),
+                "retransmits": client["end"].get("sum_sent", {}).get("retransmits")}
 
     def start_reflector(self) -> None:
         self.reflector = self.python("inet", "bench.udp_tool", "reflect", f"{self.lab.inet_address}:{REFLECT_PORT}")

@@ -519,7 +519,7 @@ def print_tcp(result: dict) -> None:
                           "of the queue process (all threads, and the daemon's helper worker) over the whole run, "
                           "in % of one core and per GB received. Queued: packets through the uplink / downlink "
                           "queue per second; segments/s: bytes received / 1448. Machine: busy share of all cores, "
-                          "and its CPU s per GB. Host segments: no queue, gso_max_segs 1 on the host's device to "
+                          "and its CPU s per GB (other tenants included). Retrans.: the sender's retransmitted segments per run. Host segments: no queue, gso_max_segs 1 on the host's device to "
                           "inet (every GSO packet segmented there, as before a queue). Rows: "
                           + "; ".join(f"{label}" for label in tcp.PATHS.values()) + ".",
                   caption_justify="left")

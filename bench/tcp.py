@@ -88,6 +88,7 @@ def per_run_figures(goodput: dict, wall_s: float, machine_cpu_s: float, queue_cp
         "machine_busy_percent": 100 * machine_cpu_s / wall_s / (os.cpu_count() or 1),
         "machine_cpu_s_per_gb": machine_cpu_s / (run_bytes / 1e9) if run_bytes else math.nan,
         "segments_per_s": segments / wall_s,
+        "retransmits": goodput.get("retransmits"),
     }
     if queue_cpu_s is not None:
         figures.update({"cpu_s": queue_cpu_s, "cpu_percent_of_core": 100 * queue_cpu_s / wall_s,
@@ -101,7 +102,8 @@ def per_run_figures(goodput: dict, wall_s: float, machine_cpu_s: float, queue_cp
 
 def summarize_runs(runs: list[dict]) -> dict:
     """Medians over the repeats of every figure the runs share."""
-    keys = [k for k in runs[0] if all(isinstance(r.get(k), (int, float)) for r in runs)]
+    keys = [k for k in runs[0] if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                                      for r in runs)]
     return {k: median([r[k] for r in runs]) for k in keys}
 
 
@@ -255,9 +257,10 @@ def table_rows(result: dict) -> list[tuple[str, ...]]:
             if "uplink_packets_per_s" in s else "—",
             f"{s['segments_per_s'] / 1000:.1f}k",
             f"{s['machine_busy_percent']:.0f} %", f"{s['machine_cpu_s_per_gb']:.2f}",
+            f"{s['retransmits']:.0f}" if "retransmits" in s else "—",
         ))
     return out
 
 
 TABLE_COLUMNS = ("path", "Gbit/s", "× none", "× bare", "queue CPU", "CPU s/GB", "queued/s up/down",
-                 "segments/s", "machine", "machine s/GB")
+                 "segments/s", "machine", "machine s/GB", "retrans.")
