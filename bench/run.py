@@ -517,7 +517,7 @@ def print_tcp(result: dict) -> None:
                   caption=f"Goodput: the receiver's payload per second over {plan['seconds']:g} s after "
                           f"{plan['skip_s']:g} s of slow start, median of {plan['repeats']} runs. CPU: utime+stime "
                           "of the queue process (all threads, and the daemon's helper worker) over the whole run, "
-                          "in % of one core and per GB received. Queued: packets through the uplink / downlink "
+                          "in % of one core, per GB received and per packet through either queue. Queued: packets through the uplink / downlink "
                           "queue per second; segments/s: bytes received / 1448. Machine: busy share of all cores, "
                           "and its CPU s per GB (other tenants included). Retrans.: the sender's retransmitted segments per run. Host segments: no queue, gso_max_segs 1 on the host's device to "
                           "inet (every GSO packet segmented there, as before a queue). Rows: "

@@ -97,6 +97,10 @@ def per_run_figures(goodput: dict, wall_s: float, machine_cpu_s: float, queue_cp
         figures.update({"uplink_packets_per_s": crossed["uplink"] / wall_s,
                         "downlink_packets_per_s": crossed["downlink"] / wall_s,
                         "uplink_packets_per_segment": crossed["uplink"] / segments if segments else math.nan})
+        if queue_cpu_s is not None and crossed["uplink"] + crossed["downlink"]:
+            # ACKs cross the downlink queue and cost as much as a segment: per packet, not per byte,
+            # is what stays put when the receiver's ACK rate changes with the machine's load.
+            figures["cpu_us_per_packet"] = 1e6 * queue_cpu_s / (crossed["uplink"] + crossed["downlink"])
     return figures
 
 
@@ -220,7 +224,8 @@ def notes(result: dict) -> list[str]:
             f"loop ({bare['uplink_packets_per_s'] / 1000:.0f}k pkt/s, plus {bare['downlink_packets_per_s'] / 1000:.0f}k "
             f"ACKs/s on the downlink queue): every segment crosses the queue. The bare loop used "
             f"{bare['cpu_percent_of_core']:.0f} % of a core, the daemon in pass-through "
-            f"{summary['pass_through'].get('cpu_percent_of_core', math.nan):.0f} %.")
+            f"{summary['pass_through'].get('cpu_percent_of_core', math.nan):.0f} % "
+            f"({summary['pass_through'].get('cpu_us_per_packet', math.nan):.1f} µs per queued packet, ACKs included).")
     if "segmentation_share_time" in v:
         m = {k: summary[k]["machine_cpu_s_per_gb"] for k in ("no_queue", "host_segments", "bare_loop")}
         out.append(
@@ -253,6 +258,7 @@ def table_rows(result: dict) -> list[tuple[str, ...]]:
             label, f"{v['gbps'][key]:.3f}", f"{v['vs_no_queue'][key]:.2f}", f"{v['vs_bare_loop'][key]:.2f}",
             f"{cpu:.0f} %" if cpu is not None else "—",
             f"{s['cpu_s_per_gb']:.2f}" if "cpu_s_per_gb" in s else "—",
+            f"{s['cpu_us_per_packet']:.1f}" if "cpu_us_per_packet" in s else "—",
             f"{s['uplink_packets_per_s'] / 1000:.1f}k / {s['downlink_packets_per_s'] / 1000:.1f}k"
             if "uplink_packets_per_s" in s else "—",
             f"{s['segments_per_s'] / 1000:.1f}k",
@@ -262,5 +268,5 @@ def table_rows(result: dict) -> list[tuple[str, ...]]:
     return out
 
 
-TABLE_COLUMNS = ("path", "Gbit/s", "× none", "× bare", "queue CPU", "CPU s/GB", "queued/s up/down",
+TABLE_COLUMNS = ("path", "Gbit/s", "× none", "× bare", "queue CPU", "CPU s/GB", "µs/pkt", "queued/s up/down",
                  "segments/s", "machine", "machine s/GB", "retrans.")

@@ -34,6 +34,7 @@ def test_per_run_figures_count_queue_packets_per_segment() -> None:
     assert figures["cpu_percent_of_core"] == 25
     assert figures["cpu_s_per_gb"] == pytest.approx(0.5 / (1448 * 1000 / 1e9))
     assert figures["retransmits"] == 3
+    assert figures["cpu_us_per_packet"] == pytest.approx(1e6 * 0.5 / 1400)
 
 
 def test_per_run_figures_without_a_queue_leave_the_queue_figures_out() -> None:
