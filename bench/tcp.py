@@ -197,7 +197,7 @@ def judge(summary: dict) -> dict:
 def rows(result: dict) -> list[dict]:
     v = judge(result["summary"])
     g = v["gbps"]
-    rate_measured = f"{g['rate']:.3f} Gbit/s ({100 * v['rate_error']:+.1f} %)"
+    rate_measured = f"{g['rate']:.3f} Gbit/s ({100 * v['rate_error']:+.1f} %; pass-through {g['pass_through']:.3f})"
     if not v["rate_reachable"]:
         rate_measured += f"; cannot be met here: pass-through itself delivers {g['pass_through']:.3f} Gbit/s"
     return [
@@ -238,6 +238,14 @@ def notes(result: dict) -> list[str]:
             "is the crossing to user space and back.")
     if result.get("gso_error"):
         out.append(f"TCP: the no-GSO row could not be measured: {result['gso_error']}")
+    rate = summary["rate"]
+    if not v["rate_met"] and "cpu_us_per_packet" in rate:
+        out.append(
+            f"TCP: with bandwidth_limit_kbps {RATE_KBPS} the sender retransmitted a median {rate.get('retransmits', math.nan):.0f} "
+            f"segments per run (the shaper dropped nothing it saw) while the daemon used {rate['cpu_percent_of_core']:.0f} % "
+            f"of a core at {rate['cpu_us_per_packet']:.1f} µs per queued packet (pass-through: "
+            f"{summary['pass_through'].get('cpu_us_per_packet', math.nan):.1f} µs); at 1 Gbit/s about 86k segments/s "
+            "plus their ACKs cross the queues.")
     if not v["rate_reachable"]:
         out.append(f"TCP: the {RATE_KBPS // 1000} Mbit/s row cannot be met on this machine: pass-through delivers "
                    f"{v['gbps']['pass_through']:.3f} Gbit/s, under the {100 * (1 - RATE_TOLERANCE):.0f} % of the rate "
