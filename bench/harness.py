@@ -58,6 +58,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 
 
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children.extend(int(c) for c in (task / "children").read_text().split())
+        except FileNotFoundError:
+            pass
+    return children
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of the process, every thread, its live descendants (the daemon's helper worker)
+    and the descendants it has reaped (cutime + cstime), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    total = sum(int(v) for v in fields[11:15]) / CLOCK_TICKS_PER_S
+    pending = _children(pid)
+    while pending:
+        child = pending.pop()
+        try:
+            total += cpu_seconds(child)
+            pending.extend(_children(child))
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # ended between the listing and the read
+    return total
+
+
 class Harness:
     def __init__(self, lab: Lab, workdir: Path) -> None:
         self.lab = lab
@@ -323,7 +349,7 @@ class Harness:
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    self.iperf3(argv, skip_s + seconds, port=ONE_OFF_IPERF3_PORT, attempts=1)
+                    client = self.iperf3(argv, skip_s + seconds, port=ONE_OFF_IPERF3_PORT, attempts=1)
                     break
                 except BenchError:
                     if time.monotonic() > deadline or server.poll() is not None:
@@ -332,7 +358,8 @@ class Harness:
             report = self.finish(server, "the one-off iperf3 server", 15)
         finally:
             self.stop(server)
-        return _goodput(report["intervals"], skip_s)
+        return {**_goodput(report["intervals"], skip_s),
+                "retransmits": client["end"].get("sum_sent", {}).get("retransmits")}
 
     def start_reflector(self) -> None:
         self.reflector = self.python("inet", "bench.udp_tool", "reflect", f"{self.lab.inet_address}:{REFLECT_PORT}")
@@ -389,4 +416,6 @@ def _goodput(intervals: list[dict], skip_s: float) -> dict:
     seconds = sum(i["seconds"] for i in counted)
     received = sum(i["bytes"] for i in counted)
     return {"bits_per_second": 8 * received / seconds, "seconds": seconds, "bytes": received,
+            # the whole run, slow start and the last interval included: what the queue carried
+            "run_bytes": sum(i["sum"]["bytes"] for i in intervals),
             "interval_bits_per_second": [8 * i["bytes"] / i["seconds"] for i in counted if i["seconds"] > 0]}

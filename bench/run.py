@@ -1,6 +1,6 @@
 """netskin's benchmark: speed against a bare NFQUEUE loop, and fidelity against what a skin asks.
 
-    python -m bench.run [--quick] [--only pause|trace|fleet] [--json FILE]
+    python -m bench.run [--quick] [--only pause|trace|vms|tcp|fleet] [--json FILE]
 
 Builds a private lab (``manager.lab``, a random prefix, removed at the end), then measures in one
 run, so every ratio compares numbers taken on the same machine minutes apart:
@@ -16,7 +16,10 @@ run, so every ratio compares numbers taken on the same machine minutes apart:
   against each trace's capacity (``bench.trace``; in every run, or alone with ``--only trace``);
 - cost against the number of VMs: CPU per packet of the whole machine and of the daemon with 1,
   100 and 500 configured VMs, the measured one listed last (``bench.vms``; alone with
-  ``--only vms``).
+  ``--only vms``);
+- TCP goodput with no queue, through the bare loop and through the daemon in pass-through, with
+  ``latency_ms`` 1 and with ``bandwidth_limit_kbps`` 1 000 000, and the queue process's CPU per
+  GB moved (``bench.tcp``; in the full and quick runs, or alone with ``--only tcp``);
 - the fleet: assignments/s and apply → enforced on every host for 10, 100 and 1000 VMs, and the
   swap spread across hosts (``bench.fleet``; alone, with ``--only fleet``: it builds a fleet lab).
 
@@ -42,7 +45,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from bench import jitter
+from bench import jitter, tcp
 from bench.harness import Harness, cpu_seconds
 from bench.pause import PausePlan, measure_pause
 from bench.trace import TracePlan, measure_trace
@@ -87,12 +90,15 @@ class Plan:
     pause: PausePlan | None = PausePlan()
     # Trace-driven links (uplink.trace): throughput per second against the trace's capacity.
     trace: TracePlan | None = TracePlan()
+    # TCP goodput through no queue, the bare loop and the daemon (bench.tcp).
+    tcp: tcp.TcpPlan = tcp.TcpPlan()
 
 
 FULL = Plan(quick=False)
 QUICK = Plan(
     quick=True, pause=None, cpu_seconds=2.0, cpu_repeats=2, sweep_seconds=1.5, bisect_steps=2, sweep_repeats=1,
     rtt_seconds=2.0, rtt_repeats=2, rates_kbps=(1_000, 10_000), rate_seconds=3.0, low_rate_seconds=5.0,
+    tcp=tcp.QUICK,
 )
 
 EMPTY_SKIN = {"name": "bench-empty"}
@@ -274,6 +280,7 @@ class Results:
     trace: dict = field(default_factory=dict)
     timeline: dict = field(default_factory=dict)
     vms: dict = field(default_factory=dict)
+    tcp: dict = field(default_factory=dict)
     summary: list = field(default_factory=list)
     summary_markdown: str = ""
     notes: list = field(default_factory=list)
@@ -355,6 +362,7 @@ def measure(h: Harness, plan: Plan, results: Results) -> None:
     if plan.trace:
         measure_trace_row(h, plan.trace, results)
     measure_timeline_rows(h, plan, results)
+    results.tcp = tcp.measure(h, plan.tcp, step)
 
 
 def measure_timeline_rows(h: Harness, plan: Plan, results: Results) -> None:
@@ -505,6 +513,25 @@ def print_pause(pause: dict) -> None:
     out.print(table)
 
 
+def print_tcp(result: dict) -> None:
+    plan = result["plan"]
+    table = Table(title="TCP: one iperf3 stream vm1 → inet", title_justify="left",
+                  caption=f"Goodput: the receiver's payload per second over {plan['seconds']:g} s after "
+                          f"{plan['skip_s']:g} s of slow start, median of {plan['repeats']} runs. CPU: utime+stime "
+                          "of the queue process (all threads, and the daemon's helper worker) over the whole run, "
+                          "in % of one core, per GB received and per packet through either queue. Queued: packets through the uplink / downlink "
+                          "queue per second; segments/s: bytes received / 1448. Machine: busy share of all cores, "
+                          "and its CPU s per GB (other tenants included). Retrans.: the sender's retransmitted segments per run. Host segments: no queue, gso_max_segs 1 on the host's device to "
+                          "inet (every GSO packet segmented there, as before a queue). Rows: "
+                          + "; ".join(f"{label}" for label in tcp.PATHS.values()) + ".",
+                  caption_justify="left")
+    for column in tcp.TABLE_COLUMNS:
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for row in tcp.table_rows(result):
+        table.add_row(*row)
+    out.print(table)
+
+
 def _rate(kbps: float, unit_of: float | None = None) -> str:
     """A rate in kbit/s or Mbit/s, whichever suits unit_of (default: the rate itself)."""
     if (unit_of if unit_of is not None else kbps) >= 1000:
@@ -582,7 +609,8 @@ def summary_text(results: Results) -> str:
     for column in ("metric", "measured", "goal", "met?"):
         table.add_column(column, no_wrap=True)
     for r in results.summary:
-        table.add_row(r["metric"], r["measured"], r["goal"], "yes" if r["met"] else "**no**")
+        met = "—" if r["met"] is None else "yes" if r["met"] else "**no**"  # None: context, no goal
+        table.add_row(r["metric"], r["measured"], r["goal"], met)
     wide = Console(width=300, color_system=None, highlight=False)
     with wide.capture() as captured:
         wide.print(table)
@@ -594,10 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rates (about 2 minutes)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the lab's logs and configs")
-    parser.add_argument("--only", choices=["pause", "trace", "vms", "fleet"],
+    parser.add_argument("--only", choices=["pause", "trace", "vms", "tcp", "fleet"],
                         help="run only this row: pause = the data path's longest pause under skin churn, "
                              "trace = throughput per second through the shipped traces, "
                              "vms = CPU per packet with 1, 100 and 500 configured VMs, "
+                             "tcp = TCP goodput through no queue, the bare loop and the daemon, "
                              "fleet = the fleet lab's apply rows (python -m bench.fleet, its defaults)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="--only vms: rounds over the VM counts (default 3, quick 2)")
@@ -628,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
                 measure_pause_row(harness, plan.pause, results)
             elif args.only == "trace":
                 measure_trace_row(harness, plan.trace, results)
+            elif args.only == "tcp":
+                results.tcp = tcp.measure(harness, plan.tcp, step)
             elif args.only == "vms":
                 from bench import vms
 
@@ -661,11 +692,16 @@ def main(argv: list[str] | None = None) -> int:
         from bench import timeline
 
         results.summary.extend(timeline.rows(results.timeline))
+    if results.tcp:
+        results.summary.extend(tcp.rows(results.tcp))
+        results.notes.extend(tcp.notes(results.tcp))
     results.runtime_s = time.monotonic() - started
     if results.speed:
         print_tables(results, plan)
     if results.pause:
         print_pause(results.pause)
+    if results.tcp:
+        print_tcp(results.tcp)
     out.print()
     results.summary_markdown = summary_text(results)
     print(results.summary_markdown, flush=True)
