@@ -436,7 +436,10 @@ class Daemon:
                 event.set()
                 continue
             for action in vmset.actions(event, self.config.vms, self.libvirt_vms):
-                await self._libvirt_action(action)
+                try:
+                    await self._libvirt_action(action)
+                except Exception:  # noqa: BLE001 - one VM's failure must not stop the others' skins
+                    log.exception("libvirt %s: %s failed", self.config.libvirt.uri, action)
 
     async def _libvirt_action(self, action: vmset.Action) -> None:
         if isinstance(action, vmset.Refuse):

@@ -1,7 +1,7 @@
 """The daemon following libvirt, against the lab's libvirtd: a domain started with a skin in its
 metadata wears it from its first packets; destroyed and started again (a new tap) it wears it
 again; a skin applied through the CLI follows the VM across the next stop/start; `netskin status`
-names the domain. Pings from the hv side start right after each start, so the first reply is
+names the domain; a metadata change while it runs applies the new skin, its removal reverts. Pings from the hv side start right after each start, so the first reply is
 among the guest's first packets."""
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def _cli(lab, *argv: str) -> subprocess.CompletedProcess:
 
 
 def test_a_skin_follows_its_libvirt_vm_from_its_first_packets(libvirt_daemon_lab):
+    from interceptor.libvirt_source import NETSKIN_XMLNS
     from interceptor.schema import load_host_config
     from manager import libvirt_lab as lvl
     from manager.process import DaemonProcess
@@ -147,6 +148,22 @@ def test_a_skin_follows_its_libvirt_vm_from_its_first_packets(libvirt_daemon_lab
         table = _cli(lab, "status")
         assert table.returncode == 0, table.stdout + table.stderr
         assert f"{DOMAIN}: libvirt domain {DOMAIN}, tap lvtap3" in table.stdout, table.stdout
+
+        # A metadata change while the domain runs is a new desired skin; its removal reverts.
+        def virsh_metadata(*argv: str) -> None:
+            done = subprocess.run(["virsh", "-c", libvirtd.uri, "metadata", DOMAIN, "--uri", NETSKIN_XMLNS, *argv,
+                                   "--live", "--config"], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+
+        started = time.monotonic()
+        virsh_metadata("--key", "netskin", "--set", '<skin name="slow100"/>')
+        times["virsh metadata --set → skin in force"] = _wait_enforced(daemon, "slow100", started)
+        virsh_metadata("--remove")
+        deadline = time.monotonic() + 20
+        while daemon.status(DOMAIN)[DOMAIN]["active"] is not None:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        assert daemon.status(DOMAIN)[DOMAIN]["shadow"] == "slow100"
     finally:
         lvl.destroy_guest(dom)
         dom.undefine()
