@@ -1,6 +1,7 @@
 """Which skin each VM wears: active, shadow, generation and original configuration, on disk.
 
-One JSON file per VM under ``state_dir/vms``. Skins are stored as copies of their documents, not
+One JSON file per VM under ``state_dir/vms`` (``file_name``: a libvirt VM ``DOMAIN/IFACE`` is
+``DOMAIN%2FIFACE.json``). Skins are stored as copies of their documents, not
 as names, so a restarted daemon re-applies exactly what was in force and a shadow survives edits
 or deletion of its file. Files are written temp → fsync → rename → fsync(dir), so a crash
 mid-write leaves the old file or the new one, never a torn one. The daemon is the only writer.
@@ -37,6 +38,9 @@ class Assignment:
     identity: dict = field(default_factory=dict)  # identity state the daemon applied (ip rules etc.)
     # The active skin's timeline as started: {"start_unix_ns", "seed"}, so a restart stays in phase.
     timeline: dict | None = None
+    # A libvirt VM: the skin its domain's metadata named when the daemon last acted on it, so a
+    # metadata change made while the domain was shut off is seen at its next start.
+    metadata_skin: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -54,7 +58,7 @@ class AssignmentStore:
         self.dir = Path(state_dir) / "vms"
 
     def _path(self, vm: str) -> Path:
-        return self.dir / f"{vm}.json"
+        return self.dir / file_name(vm)
 
     def load(self, vm: str) -> Assignment | None:
         try:
@@ -70,6 +74,12 @@ class AssignmentStore:
             self._path(vm).unlink()
         except FileNotFoundError:
             pass
+
+
+def file_name(vm: str) -> str:
+    """The state file of ``vm``: its name with '%' and '/' escaped (a ``[vms]`` name has neither,
+    so its file keeps the plain name)."""
+    return vm.replace("%", "%25").replace("/", "%2F") + ".json"
 
 
 def write_atomically(path: Path, data: str | bytes, mode: int = 0o600) -> None:

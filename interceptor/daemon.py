@@ -15,6 +15,7 @@ import argparse
 import gc
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -27,14 +28,16 @@ from pathlib import Path
 
 import trio
 
-from interceptor import control, identity, nat, reconcile, rules, sdnotify
+from interceptor import control, identity, nat, reconcile, rules, sdnotify, vmset
 from interceptor.conditions import Asked, ConditionWindow
 from interceptor.assignments import Assignment, AssignmentStore, SkinCopy
 from interceptor.compiled import NO_SKIN, CompiledSkin
 from interceptor.engine.timeline import StepClock
 from interceptor.library import Entry, SkinLibrary
 from interceptor.profiles import load_profile, profile_dirs
-from interceptor.schema import ConfigError, HostConfig, SkinError, UserError, compile_document, load_host_config
+from interceptor.libvirt_source import LibvirtSource, LibvirtVm
+from interceptor.schema import (ConfigError, HostConfig, SkinError, UserError, VmConfig, compile_document,
+                                load_host_config)
 from interceptor.shell import Shell
 from interceptor.worker import Worker
 from interceptor.timeline import compile_document_timeline
@@ -49,6 +52,7 @@ SWITCH_INTERVAL_S = 0.0005
 FIREWALL_COUNTERS_MAX_AGE_S = 0.5
 INDEXES_INTERVAL_S = 1.0  # the VM interfaces' indexes are read again at least this often...
 INDEXES_MIN_INTERVAL_S = 0.05  # ...and at most this often (on packets of unknown devices)
+LIBVIRT_QUEUE_ROOM_VMS = 64  # with [libvirt]: VMs the kernel queues make room for beyond [vms]
 FAULT_INJECTION_ENV = "NETSKIN_FAULT_INJECTION"  # "1": the control socket takes "fault" (tests)
 
 
@@ -71,6 +75,12 @@ class Daemon:
         self.shell = Shell(fail_open=config.fail_mode == "open", host_uplink_kbps=config.host_uplink_kbps,
                            max_held=config.max_held_packets,
                            fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
+        # The VMs the daemon steers: the host config's [vms.*], and the libvirt VMs of running
+        # domains as they come and go (interceptor.vmset; ``libvirt_vms`` holds their entries).
+        self.vms: dict[str, VmConfig] = dict(config.vms)
+        self.libvirt_vms: dict[str, LibvirtVm] = {}
+        self.libvirt_source: LibvirtSource | None = None
+        self._rules_lock = trio.Lock()  # one iptables-save → iptables-restore at a time
         self.assignments: dict[str, Assignment] = {}
         self.previous: dict[str, Assignment] = {}  # vm → what was in force before its generation
         self.profile_dirs = profile_dirs(config.rules_dir)
@@ -103,7 +113,7 @@ class Daemon:
         """Compile every VM's skin, bind its queues and bring its identity in line."""
         self._library_stamp = self.library.stamp()
         up, down = self.config.queue_numbers(0)  # one engine: all VMs share the first queue pair
-        for name, vm in self.config.vms.items():
+        for name, vm in self.vms.items():
             assignment = self.store.load(name)
             if assignment is None:
                 assignment = Assignment(vm=name)
@@ -122,8 +132,7 @@ class Daemon:
                 log.error("vm %s: skin %r cannot be compiled (%s); running it without a skin", name,
                           assignment.active.name if assignment.active else None, "; ".join(exc.lines))
                 compiled = NO_SKIN
-            self.shell.add_vm(name, vm.interface, up, down,
-                              addresses=(str(vm.address), str(vm.address6) if vm.address6 else None))
+            self.shell.add_vm(name, vm.interface, up, down, addresses=_addresses(vm))
             if self._stamp_timeline(assignment, compiled):
                 self.store.save(assignment)
             self.shell.paths[name].set_skin(compiled, assignment.generation,
@@ -133,7 +142,8 @@ class Daemon:
             self._apply_identity(name, reconcile.reconcile(self._identity_job(name)))
             log.info("vm %s: queues %d/%d, skin %r generation %d", name, up, down, compiled.name,
                      assignment.generation)
-        self.shell.bind(up, down)
+        # The kernel's queue length is fixed at bind: leave room for the VMs libvirt will bring.
+        self.shell.bind(up, down, vms=len(self.vms) + (LIBVIRT_QUEUE_ROOM_VMS if self.config.libvirt else 0))
         self.shell.set_indexes(_interface_indexes())
 
     def _copy(self, name: str) -> SkinCopy:
@@ -185,7 +195,7 @@ class Daemon:
         if assignment.original is not None:
             return
         try:
-            assignment.original = identity.capture(vm, self.config.vms[vm]).to_json()
+            assignment.original = identity.capture(vm, self.vms[vm]).to_json()
         except identity.IdentityError as exc:
             log.error("vm %s: original configuration not captured: %s", vm, exc)
             return
@@ -195,32 +205,43 @@ class Daemon:
     def _vm_rules(self, vm: str, profile=None, *, keep_profile: bool = True) -> rules.VmRules:
         """How the rules see ``vm``: its queues, its profile (the one in force, unless given) and,
         for a bridge port, the bridge and addresses (looked up now: blocking netlink)."""
+        return _with_bridge(self._vm_rules_known(vm, profile, keep_profile=keep_profile))
+
+    def _vm_rules_known(self, vm: str, profile=None, *, keep_profile: bool = True) -> rules.VmRules:
+        """``_vm_rules`` without the look-up: a libvirt VM's bridge is in its domain XML, a
+        ``[vms]`` VM's (None here) is looked up by ``_with_bridge``. Does not block."""
         up, down = self.shell.queues[vm]
-        config = self.config.vms[vm]
+        config = self.vms[vm]
+        entry = self.libvirt_vms.get(vm)
+        bridge = entry.bridge if entry is not None and entry.kind != "ethernet" else None
+        address, address6 = _addresses(config)
         return rules.VmRules(
             name=vm, interface=config.interface, uplink_queue=up, downlink_queue=down,
             profile=self.shell.paths[vm].skin.firewall if keep_profile else profile,
-            bridge=identity.bridge_of(config.interface), address=str(config.address),
-            address6=str(config.address6) if config.address6 else None)
+            bridge=bridge, address=address, address6=address6)
 
     def install_rules(self) -> None:
-        rules.install([self._vm_rules(vm) for vm in self.shell.paths], fail_open=self.config.fail_mode == "open",
+        self._install([self._vm_rules_known(vm) for vm in self.shell.paths])
+
+    def _install(self, known: list[rules.VmRules]) -> None:
+        rules.install([_with_bridge(vm) for vm in known], fail_open=self.config.fail_mode == "open",
                       mark=self.config.steering_mark, timeout_s=RULES_TIMEOUT_S)
 
     # -- identity -----------------------------------------------------------------------------
 
     def _nat_plan(self, vm: str, skin: CompiledSkin) -> nat.NatPlan:
-        config = self.config.vms[vm]
+        config = self.vms[vm]
         targets = self.dns_targets.get(vm, {})
         return nat.NatPlan(vm=vm, interface=config.interface, address=config.address, address6=config.address6,
                            ip_address=skin.ip_address, dns4=targets.get(4), dns6=targets.get(6))
 
     def _identity_job(self, vm: str) -> reconcile.IdentityJob:
         """A snapshot of everything ``reconcile`` needs: the worker reads nothing else."""
+        # A libvirt VM whose address is unknown has no NAT plan (``cannot_enforce`` says so).
         plans = tuple(plan for plan in (self._nat_plan(name, path.skin) for name, path in self.shell.paths.items())
-                      if plan.ip_address or plan.dns4 or plan.dns6)
+                      if (plan.ip_address or plan.dns4 or plan.dns6) and plan.address is not None)
         return reconcile.IdentityJob(
-            vm=vm, config=self.config.vms[vm], skin=self.shell.paths[vm].skin,
+            vm=vm, config=self.vms[vm], skin=self.shell.paths[vm].skin,
             original=self.assignments[vm].original, claimed=self._claims.get(vm), nat_wanted=plans,
             nat_installed=self._nat_installed, dns_targets=dict(self.dns_targets.get(vm, {})))
 
@@ -285,6 +306,8 @@ class Daemon:
                 nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._measure_conditions)
                 nursery.start_soon(self._watch_interfaces)
+                if self.config.libvirt is not None:
+                    await self._start_libvirt(nursery)
                 sdnotify.notify("READY=1", f"STATUS=enforcing skins on {len(self.shell.paths)} VM(s), "
                                            f"fail_mode={self.config.fail_mode}")
                 log.info("netskin-interceptor ready: %d VM(s), fail_mode=%s", len(self.shell.paths),
@@ -318,7 +341,7 @@ class Daemon:
         """Remove the NAT rules and the address claims the daemon owns."""
         for vm, address in self._claims.items():
             try:
-                identity.release_address(address, self.config.vms[vm], vm_name=vm)
+                identity.release_address(address, self.vms[vm], vm_name=vm)
             except identity.IdentityError as exc:
                 log.error("vm %s: could not release %s: %s", vm, address, exc)
         self._claims.clear()
@@ -367,7 +390,9 @@ class Daemon:
         while True:
             await trio.sleep(1.0)
             now = time.monotonic_ns()
-            for vm, path in self.shell.paths.items():
+            for vm, path in list(self.shell.paths.items()):  # VMs may come and go in between
+                if vm not in self.shell.paths:
+                    continue
                 for direction, pipe in (("uplink", path.uplink), ("downlink", path.downlink)):
                     generation, window = self.conditions.get((vm, direction), (None, None))
                     if generation != path.generation:
@@ -389,12 +414,178 @@ class Daemon:
             flags += [f"{direction}: {line}" for line in found]
         return out, flags
 
+    # -- VMs from libvirt ---------------------------------------------------------------------
+
+    async def _start_libvirt(self, nursery: trio.Nursery) -> None:
+        """Follow the libvirt connection: the first listing's VMs are steered before this returns."""
+        self.libvirt_source = LibvirtSource(self.config.libvirt.uri)
+        send, receive = trio.open_memory_channel(math.inf)
+        listed = send.clone()
+        nursery.start_soon(self._follow_libvirt, receive)
+        await nursery.start(self.libvirt_source.run, send)
+        # The first listing's events are queued: steer those VMs before saying "ready".
+        done = trio.Event()
+        await listed.send(done)
+        await listed.aclose()
+        await done.wait()
+
+    async def _follow_libvirt(self, receive: trio.MemoryReceiveChannel) -> None:
+        """One libvirt event at a time, in order (a VM's Gone is done before its next Appeared)."""
+        async for event in receive:
+            if isinstance(event, trio.Event):  # _start_libvirt's marker: the listing is done
+                event.set()
+                continue
+            for action in vmset.actions(event, self.config.vms, self.libvirt_vms):
+                try:
+                    await self._libvirt_action(action)
+                except Exception:  # noqa: BLE001 - one VM's failure must not stop the others' skins
+                    log.exception("libvirt %s: %s failed", self.config.libvirt.uri, action)
+
+    async def _libvirt_action(self, action: vmset.Action) -> None:
+        if isinstance(action, vmset.Refuse):
+            log.error("%s", action.reason)
+        elif isinstance(action, vmset.AddVm):
+            await self._add_libvirt_vm(action.vm)
+        elif isinstance(action, vmset.RemoveVm):
+            await self._remove_libvirt_vm(action.name)
+        elif isinstance(action, vmset.Rewire):
+            await self._remove_libvirt_vm(action.vm.name)
+            await self._add_libvirt_vm(action.vm, keep_assignment=True)
+        elif isinstance(action, vmset.UpdateEntry):
+            self.libvirt_vms[action.vm.name] = action.vm
+            async with self._locks[action.vm.name]:
+                assignment = self.assignments[action.vm.name]
+                assignment.original = libvirt_original(action.vm, identity.Original.from_json(assignment.original)
+                                                       if assignment.original else None)
+                await trio.to_thread.run_sync(self.store.save, assignment)
+        elif isinstance(action, vmset.MetadataSkin):
+            await self._metadata_skin(action.name, action.skin)
+
+    async def _add_libvirt_vm(self, vm: LibvirtVm, *, keep_assignment: bool = False) -> None:
+        """Steer a libvirt VM with its skin in force before its guest sends: engine path and skin
+        first, then the interface indexes, then the rules (so its first queued packet is known)."""
+        name, started = vm.name, time.monotonic()
+        config = libvirt_vm_config(vm)
+        owner = next((other for other, interface in self.shell.interfaces.items() if interface == vm.tap), None)
+        if owner is not None:
+            log.error("libvirt VM %s (domain %s) not steered: its tap %s is VM %s's interface", name, vm.domain,
+                      vm.tap, owner)
+            return
+        stored = self.assignments.get(name) if keep_assignment else None
+        if stored is None:
+            stored = await trio.to_thread.run_sync(self.store.load, name)
+        assignment = stored or Assignment(vm=name)
+        what, skin = vmset.skin_on_appear(stored is not None, assignment.metadata_skin, vm.skin)
+        if keep_assignment:
+            what = "keep"
+        if what == "apply":
+            try:
+                copy = await trio.to_thread.run_sync(self._copy, skin)
+            except UserError as exc:
+                log.error("vm %s: skin %r from domain %s's metadata not applied: %s", name, skin, vm.domain,
+                          "; ".join(exc.lines))
+            else:
+                assignment = replace(assignment, active=copy, shadow=assignment.active,
+                                     generation=assignment.generation + 1, reload_error=None, timeline=None)
+        elif what == "revert":
+            assignment = replace(assignment, active=None, shadow=assignment.active or assignment.shadow,
+                                 generation=assignment.generation + 1, reload_error=None, timeline=None)
+        if not keep_assignment:
+            assignment.metadata_skin = vm.skin
+        try:
+            compiled = await trio.to_thread.run_sync(self._compile, assignment.active)
+        except UserError as exc:
+            log.error("vm %s: skin %r cannot be compiled (%s); running it without a skin", name,
+                      assignment.active.name if assignment.active else None, "; ".join(exc.lines))
+            compiled = NO_SKIN
+        self._stamp_timeline(assignment, compiled)
+        clock = await trio.to_thread.run_sync(self._timeline_clock, assignment, compiled)
+        up, down = self.config.queue_numbers(0)
+        self.vms[name] = config
+        self.libvirt_vms[name] = vm
+        self.assignments[name] = assignment
+        self._locks.setdefault(name, trio.Lock())
+        path = self.shell.add_vm(name, config.interface, up, down, addresses=_addresses(config))
+        path.set_skin(compiled, assignment.generation, clock)
+        self._pick_dns_targets(name)
+        self.shell.set_indexes(await trio.to_thread.run_sync(_interface_indexes))
+        try:
+            await self._install_rules()
+        except rules.RulesError as exc:
+            log.error("vm %s: rules not installed, its traffic is not steered: %s", name, exc)
+        enforced_ms = (time.monotonic() - started) * 1000
+        read = await trio.to_thread.run_sync(self._read_original, name, config)
+        assignment.original = libvirt_original(vm, read)
+        await trio.to_thread.run_sync(self.store.save, assignment)
+        log.info("vm %s: from libvirt domain %s, tap %s, skin %r generation %d, steered in %.0f ms", name,
+                 vm.domain, vm.tap, compiled.name, assignment.generation, enforced_ms)
+        await self._sync_identity(name)
+
+    @staticmethod
+    def _read_original(name: str, config: VmConfig) -> identity.Original | None:
+        try:
+            return identity.capture(name, config)
+        except identity.IdentityError as exc:
+            log.error("vm %s: host side of %s not read: %s", name, config.interface, exc)
+            return None
+
+    async def _remove_libvirt_vm(self, name: str) -> None:
+        """Its domain stopped: its steering goes; its assignment, shadow and original stay on disk."""
+        async with self._locks[name]:
+            entry = self.libvirt_vms.pop(name)
+            self.shell.remove_vm(name)
+            config = self.vms.pop(name)
+            self.assignments.pop(name, None)
+            self.previous.pop(name, None)
+            for table in (self.identity_state, self.identity_problems, self.dns_targets, self._dns_alive):
+                table.pop(name, None)
+            for direction in ("uplink", "downlink"):
+                self.conditions.pop((name, direction), None)
+            claimed = self._claims.pop(name, None)
+            if claimed is not None:
+                try:
+                    await trio.to_thread.run_sync(lambda: identity.release_address(claimed, config, vm_name=name))
+                except identity.IdentityError as exc:
+                    log.error("vm %s: could not release %s: %s", name, claimed, exc)
+            try:
+                await self._install_rules()
+            except rules.RulesError as exc:
+                log.error("vm %s: rules not updated after its domain stopped: %s", name, exc)
+            log.info("vm %s: libvirt domain %s stopped (tap %s): steering removed, assignment kept",
+                     name, entry.domain, entry.tap)
+
+    async def _install_rules(self) -> None:
+        """Every VM's rules in one transaction (the VM set is read here, on the trio thread)."""
+        async with self._rules_lock:
+            known = [self._vm_rules_known(vm) for vm in self.shell.paths]
+            await trio.to_thread.run_sync(self._install, known)
+
+    async def _metadata_skin(self, name: str, skin: str | None) -> None:
+        """The domain's metadata names a new skin: apply it (removed: revert to no skin)."""
+        try:
+            if skin is None:
+                await self.revert(name)
+            else:
+                copy = await trio.to_thread.run_sync(self._copy, skin)
+                await self.apply(name, copy)
+        except (UserError, control.ControlError) as exc:
+            log.error("vm %s: metadata skin %r not applied: %s", name, skin, exc)
+        finally:
+            if name in self.assignments:
+                self.assignments[name].metadata_skin = skin
+                await trio.to_thread.run_sync(self.store.save, self.assignments[name])
+        log.info("vm %s: domain metadata names skin %r", name, skin)
+
     # -- changing a VM's skin -----------------------------------------------------------------
 
     def _vm(self, vm: str | None) -> str:
         if vm in self.shell.paths:
             return vm
         known = ", ".join(self.shell.paths) or "none"
+        if self.config.libvirt is not None:
+            raise control.ControlError(
+                f"unknown VM '{vm}' (VMs now: {known}); start its libvirt domain, or add it under "
+                f"[vms.{vm}] in the host config")
         raise control.ControlError(
             f"unknown VM '{vm}' (configured VMs: {known}); add it under [vms.{vm}] in the host config")
 
@@ -403,8 +594,9 @@ class Daemon:
         await trio.to_thread.run_sync(self.store.save, assignment)
         path = self.shell.paths[vm]
         if compiled.firewall != path.skin.firewall:
-            await trio.to_thread.run_sync(lambda: rules.set_profile(
-                self._vm_rules(vm, compiled.firewall, keep_profile=False), timeout_s=RULES_TIMEOUT_S))
+            async with self._rules_lock:
+                await trio.to_thread.run_sync(lambda: rules.set_profile(
+                    self._vm_rules(vm, compiled.firewall, keep_profile=False), timeout_s=RULES_TIMEOUT_S))
             self._firewall_counters_at = 0.0
         self.assignments[vm] = assignment
         clock = await trio.to_thread.run_sync(self._timeline_clock, assignment, compiled)
@@ -427,8 +619,8 @@ class Daemon:
             except UserError as exc:
                 raise control.ControlError("; ".join(exc.lines)) from None
             if undo_on_failure:
-                reasons = reconcile.cannot_enforce(self.config.vms[vm], compiled)
-                interface = self.config.vms[vm].interface
+                reasons = reconcile.cannot_enforce(self.vms[vm], compiled) + _address_needed(vm, self.vms[vm], compiled)
+                interface = self.vms[vm].interface
                 if compiled is not NO_SKIN and not await trio.to_thread.run_sync(identity.has_interface, interface):
                     reasons.append(f"interface {interface} does not exist on this host, so no rule can see "
                                    f"{vm}'s traffic; start the VM or fix vms.{vm}.interface in the host config")
@@ -457,7 +649,7 @@ class Daemon:
     async def apply(self, vm: str, copy: SkinCopy) -> Assignment:
         def make(old: Assignment) -> Assignment:
             return Assignment(vm=vm, active=copy, shadow=old.active, generation=old.generation + 1,
-                              original=old.original, identity=old.identity)
+                              original=old.original, identity=old.identity, metadata_skin=old.metadata_skin)
 
         return await self._change(vm, make, undo_on_failure=True)
 
@@ -467,14 +659,15 @@ class Daemon:
 
         def make(old: Assignment) -> Assignment:
             return Assignment(vm=vm, active=old.shadow, shadow=old.active, generation=old.generation + 1,
-                              original=old.original, identity=old.identity)
+                              original=old.original, identity=old.identity, metadata_skin=old.metadata_skin)
 
         return await self._change(vm, make, undo_on_failure=False)
 
     async def revert(self, vm: str) -> Assignment:
         def make(old: Assignment) -> Assignment:
             return Assignment(vm=vm, active=None, shadow=old.active or old.shadow,
-                              generation=old.generation + 1, original=old.original)
+                              generation=old.generation + 1, original=old.original,
+                              metadata_skin=old.metadata_skin)
 
         return await self._change(vm, make, undo_on_failure=False)
 
@@ -498,6 +691,8 @@ class Daemon:
             entry.name: entry for entry in await self.worker.run(
                 "scan_library", str(self.library.skins_dir), str(self.library.presets))}
         for vm, assignment in list(self.assignments.items()):
+            if vm not in self.shell.paths:
+                continue  # a libvirt VM gone meanwhile
             active = assignment.active
             if active is None:
                 continue
@@ -519,7 +714,8 @@ class Daemon:
 
                 def make(old: Assignment, copy: SkinCopy = copy) -> Assignment:
                     return Assignment(vm=old.vm, active=copy, shadow=old.active, generation=old.generation + 1,
-                                      original=old.original, identity=old.identity)
+                                      original=old.original, identity=old.identity,
+                                      metadata_skin=old.metadata_skin)
 
                 try:
                     await self._change(vm, make, undo_on_failure=False)
@@ -602,6 +798,8 @@ class Daemon:
                     self._dns_alive.pop(vm, None)
                     continue
                 alive = {server: await _dns_answers(server) for server in servers}
+                if vm not in self.shell.paths:
+                    continue  # a libvirt VM gone meanwhile
                 if alive != self._dns_alive.get(vm):
                     self._dns_alive[vm] = alive
                     before = dict(self.dns_targets.get(vm, {}))
@@ -645,7 +843,9 @@ class Daemon:
             a = self.assignments[name]
             up, down = self.shell.queues[name]
             conditions, out_of_tolerance = self._conditions(name)
+            entry = self.libvirt_vms.get(name)
             out[name] = {
+                "domain": entry.domain if entry else None,  # None: a [vms] VM
                 "interface": self.shell.interfaces[name],
                 "active": a.active.name if a.active else None,
                 "shadow": a.shadow.name if a.shadow else None,
@@ -680,6 +880,44 @@ class Daemon:
         started = self.assignments[vm].timeline or {}
         position["start_unix_ns"] = started.get("start_unix_ns")
         return position
+
+
+def _with_bridge(vm: rules.VmRules) -> rules.VmRules:
+    """``vm`` with its bridge looked up if not known yet (blocking netlink)."""
+    return vm if vm.bridge else replace(vm, bridge=identity.bridge_of(vm.interface))
+
+
+def _addresses(config: VmConfig) -> tuple[str | None, str | None]:
+    """A VM's IPv4 and IPv6 address as text (None: not known, as for most libvirt VMs)."""
+    return (str(config.address) if config.address else None, str(config.address6) if config.address6 else None)
+
+
+def _address_needed(vm: str, config: VmConfig, skin: CompiledSkin) -> list[str]:
+    """Why ``skin`` cannot be enforced on a VM whose address is unknown (a libvirt VM whose
+    address libvirt does not know: only a libvirt network's DHCP leases tell it)."""
+    if config.address is not None:
+        return []
+    needs = [what for what, asked in (("ip_address", skin.ip_address), ("dns_servers", skin.dns_servers)) if asked]
+    if not needs:
+        return []
+    return [f"{' and '.join(needs)} need {vm}'s address, which libvirt does not know (it knows it only for "
+            f"an interface on a libvirt network that hands out DHCP leases)"]
+
+
+def libvirt_vm_config(vm: LibvirtVm) -> VmConfig:
+    """A libvirt VM as the rest of the daemon sees a VM: its tap, its address if libvirt knows it,
+    no netns (a guest). Built without validation: the address may be unknown (None)."""
+    return VmConfig.model_construct(
+        interface=vm.tap, address=ipaddress.IPv4Address(vm.address) if vm.address else None,
+        address6=ipaddress.IPv6Address(vm.address6) if vm.address6 else None, netns=None, skin=None)
+
+
+def libvirt_original(vm: LibvirtVm, read: identity.Original | None) -> dict:
+    """A libvirt VM's original configuration: MAC, MTU and addresses from its domain XML (never
+    from a neighbour table); the host side's MTU and IPv6 setup as ``read`` from its tap."""
+    original = read or identity.Original(address=None)
+    return replace(original, address=vm.address, address6=vm.address6, mac=vm.mac, mtu=vm.mtu,
+                   readable=tuple(name for name in original.readable if name not in ("mac", "address"))).to_json()
 
 
 def _interface_indexes() -> dict[str, int]:

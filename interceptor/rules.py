@@ -76,7 +76,8 @@ TAG = "netskin"
 HOOKS = ("FORWARD", "INPUT", "OUTPUT")  # filter hooks jumping to CHAIN
 DEFAULT_TIMEOUT_S = 10.0
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A [vms] name, or a libvirt VM's DOMAIN/IFACE (interceptor.vmset): it only shows in comments.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})?")
 _INTERFACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,14}")
 
 
@@ -444,7 +445,7 @@ def _check(vms: list[VmRules]) -> None:
     chains: dict[str, str] = {}
     for vm in vms:
         if not _NAME_RE.fullmatch(vm.name):
-            raise RulesError(f"VM name {vm.name!r} cannot name netfilter rules (use letters, digits, '.', '_', '-')")
+            raise RulesError(f"VM name {vm.name!r} cannot name netfilter rules (use letters, digits, '.', '_', '-'; one '/' for DOMAIN/IFACE)")
         if not _INTERFACE_RE.fullmatch(vm.interface):
             raise RulesError(f"VM {vm.name}: {vm.interface!r} is not an interface name")
         for queue in (vm.uplink_queue, vm.downlink_queue):

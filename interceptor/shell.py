@@ -86,10 +86,20 @@ class Shell:
         self.errors[name] = 0
         return path
 
-    def bind(self, uplink_queue: int, downlink_queue: int) -> None:
-        """Bind the queue pair all the VMs' packets arrive on."""
+    def remove_vm(self, name: str) -> None:
+        """Forget a VM: its packets are no longer classified. Packets it has held are still
+        released on time (the heap keeps its path)."""
+        self.classifier.remove(self.interfaces.pop(name))
+        self.engine.paths.pop(name, None)
+        self.queues.pop(name, None)
+        self.errors.pop(name, None)
+        self.faults.pop(name, None)
+
+    def bind(self, uplink_queue: int, downlink_queue: int, vms: int | None = None) -> None:
+        """Bind the queue pair all the VMs' packets arrive on (``vms``: how many VMs it must
+        make room for, if more than the shell has now)."""
         # Held packets count against the kernel's queue length: every VM may hold max_held.
-        max_len = self.max_held * max(1, len(self.paths)) + KERNEL_QUEUE_HEADROOM
+        max_len = self.max_held * max(1, len(self.paths), vms or 0) + KERNEL_QUEUE_HEADROOM
         for number, outgoing in ((uplink_queue, True), (downlink_queue, False)):
             self._queues.append(Queue(number, self._handler(outgoing), max_len=max_len, fail_open=self.fail_open))
 

@@ -448,9 +448,11 @@ def status_cmd(ctx: typer.Context, vm: Annotated[Optional[str], typer.Argument(h
             table.add_row(*head, direction, str(c["packets"]), str(c["passed_packets"]), drops, str(c["held_packets"]))
     console.print(table)
     for name, st in reply["vms"].items():  # full text below the table, never cut to its width
+        if st.get("domain"):
+            typer.echo(f"{name}: libvirt domain {st['domain']}, tap {st['interface']}")
         original = st.get("original") or {}
         if original:
-            typer.echo(f"{name}: original: address {original.get('address')}, MAC {original.get('mac')}, "
+            typer.echo(f"{name}: original: address {original.get('address') or 'unknown'}, MAC {original.get('mac')}, "
                        f"MTU {_mtu_text(original)}, DNS {', '.join(original.get('resolvers') or []) or '-'}")
         firewall = st.get("firewall") or {}
         if firewall.get("profile"):

@@ -43,6 +43,17 @@ class Classifier(Generic[T]):
             if address:
                 self.by_address[ipaddress.ip_address(address).packed] = target
 
+    def remove(self, interface: str) -> None:
+        """Forget ``interface`` and its addresses (the VM went away); lookups stop finding it."""
+        target = self._by_name.pop(interface, None)
+        if target is None:
+            return
+        for address in [a for a, t in self.by_address.items() if t is target]:
+            del self.by_address[address]
+        index = self.indexes.pop(interface, None)
+        if index is not None:
+            self.by_index.pop(index, None)
+
     def set_indexes(self, indexes: Mapping[str, int]) -> bool:
         """Take the kernel's current name → index map; whether any VM interface's index changed."""
         wanted = {name: indexes[name] for name in self._by_name if indexes.get(name)}
