@@ -619,7 +619,9 @@ class Daemon:
             except UserError as exc:
                 raise control.ControlError("; ".join(exc.lines)) from None
             if undo_on_failure:
-                reasons = reconcile.cannot_enforce(self.vms[vm], compiled) + _address_needed(vm, self.vms[vm], compiled)
+                entry = self.libvirt_vms.get(vm)
+                reasons = (reconcile.cannot_enforce(self.vms[vm], compiled, domain=entry.domain if entry else None)
+                           + _address_needed(vm, self.vms[vm], compiled))
                 interface = self.vms[vm].interface
                 if compiled is not NO_SKIN and not await trio.to_thread.run_sync(identity.has_interface, interface):
                     reasons.append(f"interface {interface} does not exist on this host, so no rule can see "

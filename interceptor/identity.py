@@ -140,13 +140,13 @@ def capture(vm_name: str, vm: VmConfig) -> Original:
             readable.append("host_mtu")
 
     if vm.netns is None:
-        mac = _neighbour_mac(vm, label)
-        if mac is not None:
-            readable.append("mac")
+        # A guest: its own MAC is not the host's to read. The neighbour table may hold it by
+        # chance (only if the guest spoke lately, never for a quiet one), so the original does not
+        # take it from there; a libvirt VM's comes from its domain XML instead.
         return Original(
             address=str(vm.address),
             address6=None if vm.address6 is None else str(vm.address6),
-            mac=mac,
+            mac=None,
             mtu=None,  # the guest's own MTU is out of the host's reach (host_mtu is the path's)
             host_mtu=host_mtu,
             readable=tuple(readable),

@@ -35,21 +35,30 @@ class IdentityResult:
     nat_installed: tuple | None
 
 
-def cannot_enforce(config: VmConfig, skin: CompiledSkin) -> list[str]:
+def cannot_enforce(config: VmConfig, skin: CompiledSkin, *, domain: str | None = None) -> list[str]:
     """Identity fields of ``skin`` the host knows at once it cannot set on this VM (and that the
-    skin does not list in ``optional``), each as one line saying why and what would make it work."""
+    skin does not list in ``optional``), each as one line saying why and what would make it work.
+
+    ``domain``: the VM is an interface of this libvirt domain. libvirt does not change a running
+    domain's MAC or MTU either (9.0 refuses both live updates: the MAC is how it finds the
+    device, and "cannot modify MTU"), so the way is the domain's XML and a restart.
+    """
     found = []
+    if domain is not None:
+        where = f"VM of libvirt domain {domain}, which libvirt cannot change while it runs"
+        fix = f"set it in the domain's XML (virsh edit {domain}) and restart the domain, or add optional = "
+    else:
+        where = f"interface {config.interface} has no netns in the host config"
+        fix = "add optional = "
     if skin.mac_address is not None and config.netns is None and "mac_address" not in skin.optional:
         found.append(
-            f"mac_address {skin.mac_address}: the host cannot set the MAC inside a guest "
-            f"(interface {config.interface} has no netns in the host config); "
-            f"add optional = [\"mac_address\"] to the skin to apply it without the MAC"
+            f"mac_address {skin.mac_address}: the host cannot set the MAC inside a guest ({where}); "
+            f"{fix}[\"mac_address\"] to the skin to apply it without the MAC"
         )
     if skin.mtu is not None and config.netns is None and "mtu" not in skin.optional:
         found.append(
-            f"mtu {skin.mtu}: the host cannot set the MTU of the guest's own interface "
-            f"(interface {config.interface} has no netns in the host config); "
-            f"add optional = [\"mtu\"] to the skin to enforce it on the path only (the host side of "
+            f"mtu {skin.mtu}: the host cannot set the MTU of the guest's own interface ({where}); "
+            f"{fix}[\"mtu\"] to the skin to enforce it on the path only (the host side of "
             f"{config.interface} at {skin.mtu}: larger packets get frag-needed / packet-too-big)"
         )
     return found

@@ -43,3 +43,9 @@ def test_optional_fields_and_skins_without_identity_pass(fields):
 
 def test_a_vm_in_a_netns_can_have_both_set():
     assert cannot_enforce(NETNS_VM, skin(mac_address=MAC, mtu=1400)) == []
+
+
+@pytest.mark.parametrize("fields", [{"mac_address": MAC}, {"mtu": 1400}])
+def test_a_libvirt_vm_is_told_to_change_its_domain_xml(fields):
+    (line,) = cannot_enforce(GUEST, skin(**fields), domain="web")
+    assert "libvirt domain web" in line and "virsh edit web" in line and "optional" in line
