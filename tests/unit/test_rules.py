@@ -450,6 +450,25 @@ def test_set_profile_swaps_one_vm_and_replays_the_others():
     assert not any(line.startswith("-X") for line in filter_)
 
 
+def test_set_profile_rebuilds_the_trees_from_the_other_vms_saved_leaves():
+    many = [rules.VmRules(f"vm{i}", f"tap{i}", 7700, 7701, profile("test")) for i in range(30)]
+    many.append(rules.VmRules("port", "vnet7", 7700, 7701, profile("test"), bridge="br0", address="10.77.100.2"))
+    installed = rules.render_install("", many, fail_open=False, version=4)
+    saved = _as_saved(installed)
+    text = rules.render_set_profile(saved, rules.VmRules("vm3", "tap3", 7700, 7701, shipped("standard")), 4)
+    filter_ = section(text, "filter")
+    changed = [line.replace("profile=test", "profile=standard") if "vm=vm3 " in line else line
+               for line in section(installed, "filter") if line.startswith("-A NETSKIN")]
+    assert sorted(line for line in filter_ if line.startswith("-A NETSKIN")) == sorted(changed)
+    assert not any(line.startswith("-X") for line in filter_)
+    others = {chain for vm_ in many if vm_.name != "vm3" for chain in firewall.chain_names(vm_.name)}
+    assert not {line.split()[0][1:] for line in filter_ if line.startswith(":")} & others  # kept as they are
+    text = rules.render_set_profile(saved, rules.VmRules("vm3", "tap3", 7700, 7701), 4)
+    filter_ = section(text, "filter")
+    assert not any("vm=vm3 " in line for line in filter_)
+    assert sum("vm=port " in line for line in filter_) == 5
+
+
 def test_set_profile_none_removes_the_vms_chains_and_the_last_one_removes_netskin():
     saved = _as_saved(rules.render_install("", [vm(profile=shipped("restricted")), vm("vm2", index=2, profile=shipped("open"))], False, 4))
     text = rules.render_set_profile(saved, vm(), 4)
