@@ -1,7 +1,7 @@
 """A VM's security profile as kernel rules: a chain pair in the filter table, and its counters.
 
 Pure text in, text out: ``chain_rules`` turns a ``CompiledProfile`` into the ``-A`` lines of the
-VM's two chains, ``jump_rules`` into the lines that send the VM's traffic to them, and
+VM's two chains, ``jump_rule`` into a line that sends some of the VM's traffic to one of them, and
 ``parse_counters`` reads the hits back from ``iptables-save -c``. ``interceptor.rules`` owns the
 transactions that install them. Enforcing the profile in the kernel means it holds whatever the
 daemon does: a dead daemon, a bypassed or full queue, a daemon that was never started.
@@ -67,24 +67,11 @@ def parse_jump_comment(comment: str | None) -> tuple[str, str] | None:
     return None if match is None else (match["vm"], match["profile"])
 
 
-def jump_rules(chain: str, vm_name: str, interface: str, profile_name: str, *, bridge: str | None = None,
-               address: str | None = None, version: int = 4) -> list[str]:
-    """The lines of the filter ``chain`` that send the VM's traffic to its firewall chains."""
-    chain_in, chain_out = chain_names(vm_name)
-    tag = f"-m comment --comment {_quote(jump_comment(vm_name, profile_name))}"
-    # Routed taps/veths match by device, bridge ports by physdev; each never matches the other
-    # kind, so both are installed and no guess about the topology is needed. A packet from a
-    # bridge port has its port known whether it is bridged or routed; a packet the host routes
-    # onto the VM's bridge does not yet, so it is matched by the bridge and the VM's address.
-    lines = [
-        f"-A {chain} -i {interface} {tag} -j {chain_out}",
-        f"-A {chain} -m physdev --physdev-in {interface} {tag} -j {chain_out}",
-        f"-A {chain} -o {interface} {tag} -j {chain_in}",
-        f"-A {chain} -m physdev --physdev-out {interface} --physdev-is-bridged {tag} -j {chain_in}",
-    ]
-    if bridge and address:
-        lines.append(f"-A {chain} -o {bridge} -d {address}/{32 if version == 4 else 128} {tag} -j {chain_in}")
-    return lines
+def jump_rule(chain: str, match: str, vm_name: str, profile_name: str, direction: int) -> str:
+    """The line of ``chain`` that sends what ``match``es to the VM's chain ``direction`` (0 in,
+    1 out); its comment names the VM and profile (``interceptor.rules`` lays these out)."""
+    target = chain_names(vm_name)[direction]
+    return f"-A {chain} {match} -m comment --comment {_quote(jump_comment(vm_name, profile_name))} -j {target}"
 
 
 def chain_rules(profile: CompiledProfile, vm_name: str, version: int) -> list[str]:

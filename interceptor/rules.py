@@ -34,8 +34,17 @@ bridge the host routes got a third less than asked). Chain ``NETSKIN-SEEN``, fir
 FORWARD and INPUT, clears it again.
 
 Firewall: chain ``NETSKIN`` in the filter table, inserted at position 1 of FORWARD, INPUT and
-OUTPUT, holds only jumps to the per-VM chains of VMs that wear a profile (``interceptor.firewall``
-renders them). They RETURN what the profile allows, so the host's rules still apply after them.
+OUTPUT, sends a packet to the per-VM chains of the VMs that wear a profile (``interceptor.firewall``
+renders them). It is laid out like the steering, at the same cost whatever the number of VMs: a
+tree of the incoming device and one of the outgoing device (``NETSKIN-TFI-<hash>``,
+``NETSKIN-TFO-<hash>``) whose leaves jump to the VM's ``-out`` and ``-in`` chain, and, entered only
+by bridged packets, trees of the bridge port in ``NETSKIN-FROM-PORTS`` and ``NETSKIN-TO-PORTS``.
+A packet the host routes onto a bridge port's bridge is matched by the bridge and the VM's
+address, one rule per such VM (only bridge ports with a configured address have one). Every
+leaf names the VM and its profile in its comment. The VM chains RETURN what the profile allows
+and the tree chains end without a verdict, so the host's rules still apply after them. Changing
+one VM's profile rebuilds the trees in the same transaction from the other VMs' saved leaves
+(their device and profile) and keeps their chains as they are.
 
 Every rule change is one ``iptables-restore --noflush`` transaction per address family, computed
 from the current ``iptables-save`` output: it removes whatever netskin had there (a killed run's
@@ -58,6 +67,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from interceptor import firewall
 from interceptor.profiles import CompiledProfile
@@ -223,6 +233,13 @@ _MATCHES = {  # kind → (rule text for a name or prefix, uplink?)
     "o": ("-o {}", False),
     "po": ("-m physdev --physdev-out {} --physdev-is-bridged", False),
 }
+# The filter's trees: their leaves jump to a VM's firewall chain (out for what the VM sends).
+_FILTER_TREES = (  # (kind, root, gate into the root from NETSKIN or None, template, VM's chain: 0 in, 1 out)
+    ("fi", CHAIN, None, "-i {}", 1),
+    ("fo", CHAIN, None, "-o {}", 0),
+    ("fpi", "NETSKIN-FROM-PORTS", "-m physdev --physdev-is-in", "-m physdev --physdev-in {}", 1),
+    ("fpo", "NETSKIN-TO-PORTS", "-m physdev --physdev-is-bridged", "-m physdev --physdev-out {} --physdev-is-bridged", 0),
+)
 
 
 def tree_chain(kind: str, prefix: str) -> str:
@@ -236,8 +253,6 @@ def _tree(kind: str, root: str, vms: list[VmRules], bypass: str,
     ``mark_with`` ("bit/bit") sets that mark on a VM's packet just before it is queued."""
     template, uplink = _MATCHES[kind]
     by_name = {vm.interface: vm for vm in vms}
-    chains: list[str] = []
-    lines: list[str] = []
 
     def leaf(chain: str, name: str) -> list[str]:
         vm = by_name[name]
@@ -245,6 +260,16 @@ def _tree(kind: str, root: str, vms: list[VmRules], bypass: str,
         marking = [f"-A {chain} {template.format(name)} -j MARK --set-xmark {mark_with}"] if mark_with else []
         return marking + [f"-A {chain} {template.format(name)} -m comment --comment \"{TAG} vm={vm.name} {direction}\" "
                           f"-j NFQUEUE --queue-num {queue}{bypass}"]
+
+    return _name_tree(kind, template, root, list(by_name), leaf)
+
+
+def _name_tree(kind: str, template: str, root: str, names: list[str],
+               leaf: Callable[[str, str], list[str]]) -> tuple[list[str], list[str]]:
+    """(chains below ``root``, rules) of the radix tree of device ``names`` (matched by
+    ``template``); ``leaf(chain, name)`` gives the rules in ``chain`` for the device ``name``."""
+    chains: list[str] = []
+    lines: list[str] = []
 
     def build(chain: str, names: list[str], depth: int) -> None:
         for name in names:
@@ -264,7 +289,7 @@ def _tree(kind: str, root: str, vms: list[VmRules], bypass: str,
             lines.append(f"-A {chain} {template.format(prefix + '+')} -j {child}")
             build(child, group, len(prefix))
 
-    build(root, sorted(by_name), 0)
+    build(root, sorted(set(names)), 0)
     return chains, lines
 
 
@@ -336,9 +361,9 @@ def _transaction(mangle: list[str], filter_: list[str]) -> str:
 
 
 def _is_ours(table: str, chain: str) -> bool:
-    if table == "mangle":
-        return chain == CHAIN or chain.startswith(f"{CHAIN}-")
-    return chain == CHAIN or (table == "filter" and firewall.is_firewall_chain(chain))
+    if table in ("mangle", "filter"):
+        return chain == CHAIN or chain.startswith(f"{CHAIN}-") or (table == "filter" and firewall.is_firewall_chain(chain))
+    return chain == CHAIN
 
 
 def _jumps_into_ours(table_name: str, table: SavedTable) -> list[str]:
@@ -397,45 +422,69 @@ def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open
 def _filter_lines(table: SavedTable | None, wanted: dict[str, VmRules], keep_others: bool, version: int) -> list[str]:
     """Firewalls for the VMs in ``wanted`` (those with a profile), replacing theirs.
 
-    ``keep_others``: the jumps and chains of VMs not in ``wanted`` stay (set_profile); otherwise
-    they go (install, remove). Old-layout rules in ``NETSKIN`` (NFQUEUE, mark/REJECT) always go.
+    ``keep_others``: the chains of VMs not in ``wanted`` stay, and so do their jumps (set_profile):
+    each such VM's device and profile are read back from its saved jumps, and the trees of
+    ``NETSKIN`` are rebuilt for all the profiled VMs. Otherwise they go (install, remove).
+    Old-layout rules in ``NETSKIN`` (NFQUEUE, mark/REJECT, one line of jumps per VM) always go.
     """
     table = table or SavedTable()
     lines = _jumps_into_ours("filter", table)
     existing = [chain for chain in table.chains if _is_ours("filter", chain)]
 
-    kept: list[str] = []  # other VMs' jump specs in NETSKIN, replayed as saved
+    devices: dict[str, tuple[str, str]] = {}  # interface -> (VM, profile): the trees' leaves
+    kept: list[str] = []  # other VMs' routed-onto-a-bridge jumps, replayed as saved
     kept_chains: set[str] = set()
     if keep_others:
         for chain, spec in table.rules:
             tokens = shlex.split(spec)
             comment, target = firewall.comment_of(tokens), firewall.target_of(tokens)
             jump = firewall.parse_jump_comment(comment)
-            if chain == CHAIN and jump and jump[0] not in wanted and target in existing:
+            if (not _is_ours("filter", chain) or firewall.is_firewall_chain(chain) or not jump
+                    or jump[0] in wanted or target not in existing):
+                continue
+            kept_chains.add(target)
+            if "-d" in tokens:
                 kept.append(spec)
-                kept_chains.add(target)
+                continue
+            for flag in ("-i", "-o"):
+                if flag in tokens[:-1]:
+                    devices[tokens[tokens.index(flag) + 1]] = jump
 
     profiled = [vm for vm in wanted.values() if vm.profile is not None]
-    if kept or profiled:
-        lines.append(f":{CHAIN} - [0:0]")  # flushed: rebuilt below
-        for vm in profiled:
-            lines += [f":{chain} - [0:0]" for chain in firewall.chain_names(vm.name)]
-            lines += firewall.chain_rules(vm.profile, vm.name, version)
-        lines += [f"-A {CHAIN} {spec}" for spec in kept]
-        for vm in profiled:
-            lines += firewall.jump_rules(CHAIN, vm.name, vm.interface, vm.profile.name,
-                                         bridge=vm.bridge, address=vm.address_for(version), version=version)
-        # Position 1: the VM's profile judges first; allowed packets RETURN to the host's rules.
-        lines += [f'-I {hook} 1 -m comment --comment "{TAG}" -j {CHAIN}' for hook in HOOKS]
+    for vm in profiled:
+        devices[vm.interface] = (vm.name, vm.profile.name)
+    live: set[str] = set()
+    rules: list[str] = []
+    if devices:
         live = {CHAIN} | kept_chains | {c for vm in profiled for c in firewall.chain_names(vm.name)}
-    else:
-        live = set()
-    # Chains to delete must be empty and unreferenced: NETSKIN first (it holds the references).
+        for vm in profiled:
+            rules += firewall.chain_rules(vm.profile, vm.name, version)
+        for kind, root, gate, template, direction in _FILTER_TREES:
+            def leaf(chain: str, name: str, template: str = template, direction: int = direction) -> list[str]:
+                vm_name, profile_name = devices[name]
+                return [firewall.jump_rule(chain, template.format(name), vm_name, profile_name, direction)]
+            chains, tree = _name_tree(kind, template, root, list(devices), leaf)
+            if gate:
+                live |= {root}
+                rules.append(f'-A {CHAIN} {gate} -m comment --comment "{TAG}" -j {root}')
+            live |= set(chains)
+            rules += tree
+            if kind == "fo":  # routed by the host onto a VM's bridge: by the bridge and the VM's address
+                rules += [f"-A {CHAIN} {spec}" for spec in kept]
+                for vm in profiled:
+                    address = vm.address_for(version)
+                    if vm.bridge and address:
+                        rules.append(firewall.jump_rule(CHAIN, f"-o {vm.bridge} -d {address}/{32 if version == 4 else 128}",
+                                                        vm.name, vm.profile.name, 0))
+        # Position 1: the VM's profile judges first; allowed packets RETURN to the host's rules.
+        rules += [f'-I {hook} 1 -m comment --comment "{TAG}" -j {CHAIN}' for hook in HOOKS]
+    # Every chain of ours flushed (declaring a chain flushes it) before any is deleted: they jump
+    # to each other. The other VMs' firewall chains are kept as they are.
+    declared = [CHAIN] * bool(devices) + sorted(live - {CHAIN} - kept_chains)
     stale = sorted((chain for chain in existing if chain not in live), key=lambda c: c != CHAIN)
-    for chain in stale:
-        lines += [f":{chain} - [0:0]"]
+    lines += [f":{chain} - [0:0]" for chain in declared + stale]
     lines += [f"-X {chain}" for chain in stale]
-    return lines
+    return lines + rules
 
 
 # --- running the tools ----------------------------------------------------------------------

@@ -248,11 +248,11 @@ def guest_identity(lab, vm: str = "vm1") -> dict:
 
 
 def netskin_chains(lab) -> list[str]:
-    """netskin's firewall chains in the hv namespace's filter table (a profile's per-VM chains)."""
+    """The chains that jump to a per-VM firewall chain in the hv namespace's filter table, one per jump."""
     saved = subprocess.run(["ip", "netns", "exec", lab.hv_ns, "iptables-save", "-t", "filter"],
                            capture_output=True, text=True, check=True).stdout
     return sorted(line.split()[1] for line in saved.splitlines()
-                  if line.startswith("-A NETSKIN ") and "-j NSKFW-" in line)
+                  if line.startswith("-A NETSKIN") and "-j NSKFW-" in line)
 
 
 def peer_connects(path, port: int = guests.ECHO_PORT) -> bool:

@@ -225,11 +225,66 @@ def test_jumps_name_vm_and_profile_and_sit_at_position_one():
     tag = '-m comment --comment "netskin vm=vm1 profile=standard"'
     assert [line for line in filter_ if line.startswith("-A NETSKIN")] == [
         f"-A NETSKIN -i tap-vm1 {tag} -j {OUT}",
-        f"-A NETSKIN -m physdev --physdev-in tap-vm1 {tag} -j {OUT}",
         f"-A NETSKIN -o tap-vm1 {tag} -j {IN}",
-        f"-A NETSKIN -m physdev --physdev-out tap-vm1 --physdev-is-bridged {tag} -j {IN}",
+        '-A NETSKIN -m physdev --physdev-is-in -m comment --comment "netskin" -j NETSKIN-FROM-PORTS',
+        f"-A NETSKIN-FROM-PORTS -m physdev --physdev-in tap-vm1 {tag} -j {OUT}",
+        '-A NETSKIN -m physdev --physdev-is-bridged -m comment --comment "netskin" -j NETSKIN-TO-PORTS',
+        f"-A NETSKIN-TO-PORTS -m physdev --physdev-out tap-vm1 --physdev-is-bridged {tag} -j {IN}",
     ]
     assert filter_[-3:] == [f'-I {hook} 1 -m comment --comment "netskin" -j NETSKIN' for hook in ("FORWARD", "INPUT", "OUTPUT")]
+
+
+def judge(filter_: list[str], chain: str, packet: dict) -> tuple[int, list[str]]:
+    """(rules ``packet`` walks from ``chain`` in filter, the firewall chains it is sent to, in
+    order); ``packet`` holds its devices ("-i", "-o", "--physdev-in", "--physdev-out") and
+    flags ("--physdev-is-in", "--physdev-is-bridged"). Every firewall chain RETURNs."""
+    walked, judged = 0, []
+    for line in filter_:
+        if not line.startswith(f"-A {chain} "):
+            continue
+        walked += 1
+        tokens = line.split()
+        matches = True
+        for i, token in enumerate(tokens):
+            if token in ("-i", "-o", "--physdev-in", "--physdev-out"):
+                name, device = tokens[i + 1], packet.get(token, "")
+                matches &= device.startswith(name[:-1]) if name.endswith("+") else device == name
+            elif token in ("--physdev-is-in", "--physdev-is-bridged", "-d"):
+                matches &= bool(packet.get(token))
+        if not matches:
+            continue
+        target = tokens[-1]
+        if firewall.is_firewall_chain(target):
+            judged.append(target)
+        else:
+            below, more = judge(filter_, target, packet)
+            walked, judged = walked + below, judged + more
+    return walked, judged
+
+
+@pytest.mark.parametrize("count", [1, 500])
+def test_every_profiled_vm_is_judged_after_walking_a_few_rules_whatever_their_number(count):
+    many = [rules.VmRules(f"vm{i}", f"tap{i}", 7700, 7701, profile("test")) for i in range(count)]
+    filter_ = section(rules.render_install("", many, fail_open=False, version=4), "filter")
+    worst = 0
+    for i in range(count):
+        out_, in_ = firewall.chain_names(f"vm{i}")[1], firewall.chain_names(f"vm{(i + 1) % count}")[0]
+        routed = {"-i": f"tap{i}", "-o": "eth0"}
+        walked, judged = judge(filter_, "NETSKIN", routed)
+        assert judged == [out_]
+        worst = max(worst, walked)
+        between = {"-i": f"tap{i}", "-o": f"tap{(i + 1) % count}"}
+        walked, judged = judge(filter_, "NETSKIN", between)
+        assert judged == [out_, in_]
+        worst = max(worst, walked)
+        bridged = {"-i": "br0", "-o": "br0", "--physdev-in": f"tap{i}", "--physdev-out": f"tap{(i + 1) % count}",
+                   "--physdev-is-in": True, "--physdev-is-bridged": True}
+        walked, judged = judge(filter_, "NETSKIN", bridged)
+        assert judged == [out_, in_]
+        worst = max(worst, walked)
+    assert worst <= 100, worst  # up to four trees of about 20 rules each; 500 VMs in a line: 2000 rules
+    assert judge(filter_, "NETSKIN", {"-i": "eth0", "-o": "eth1"})[1] == []
+    assert judge(filter_, "NETSKIN", {"-i": "tap9999", "-o": "eth1"})[1] == []
 
 
 def test_chain_names_are_short_stable_and_distinct():
@@ -395,13 +450,35 @@ def test_set_profile_swaps_one_vm_and_replays_the_others():
     assert not any(line.startswith("-X") for line in filter_)
 
 
+def test_set_profile_rebuilds_the_trees_from_the_other_vms_saved_leaves():
+    many = [rules.VmRules(f"vm{i}", f"tap{i}", 7700, 7701, profile("test")) for i in range(30)]
+    many.append(rules.VmRules("port", "vnet7", 7700, 7701, profile("test"), bridge="br0", address="10.77.100.2"))
+    installed = rules.render_install("", many, fail_open=False, version=4)
+    saved = _as_saved(installed)
+    text = rules.render_set_profile(saved, rules.VmRules("vm3", "tap3", 7700, 7701, shipped("standard")), 4)
+    filter_ = section(text, "filter")
+    changed = [line.replace("profile=test", "profile=standard") if "vm=vm3 " in line else line
+               for line in section(installed, "filter") if line.startswith("-A NETSKIN")]
+    assert sorted(line for line in filter_ if line.startswith("-A NETSKIN")) == sorted(changed)
+    assert not any(line.startswith("-X") for line in filter_)
+    others = {chain for vm_ in many if vm_.name != "vm3" for chain in firewall.chain_names(vm_.name)}
+    assert not {line.split()[0][1:] for line in filter_ if line.startswith(":")} & others  # kept as they are
+    text = rules.render_set_profile(saved, rules.VmRules("vm3", "tap3", 7700, 7701), 4)
+    filter_ = section(text, "filter")
+    assert not any("vm=vm3 " in line for line in filter_)
+    assert sum("vm=port " in line for line in filter_) == 5
+
+
 def test_set_profile_none_removes_the_vms_chains_and_the_last_one_removes_netskin():
     saved = _as_saved(rules.render_install("", [vm(profile=shipped("restricted")), vm("vm2", index=2, profile=shipped("open"))], False, 4))
     text = rules.render_set_profile(saved, vm(), 4)
-    assert {line for line in section(text, "filter") if line.startswith("-X")} == {f"-X {IN}", f"-X {OUT}"}
+    deleted = {line[3:] for line in section(text, "filter") if line.startswith("-X")}
+    assert {chain for chain in deleted if not chain.startswith("NETSKIN-T")} == {IN, OUT}  # and tree chains
+    assert any("vm=vm2 profile=open" in line for line in section(text, "filter"))
     saved = _as_saved(rules.render_install("", [vm(profile=shipped("restricted"))], False, 4))
     filter_ = section(rules.render_set_profile(saved, vm(), 4), "filter")
-    assert {line for line in filter_ if line.startswith("-X")} == {"-X NETSKIN", f"-X {IN}", f"-X {OUT}"}
+    assert {line for line in filter_ if line.startswith("-X")} == {
+        "-X NETSKIN", "-X NETSKIN-FROM-PORTS", "-X NETSKIN-TO-PORTS", f"-X {IN}", f"-X {OUT}"}
     assert filter_.index("-X NETSKIN") < filter_.index(f"-X {IN}")
     assert not any(line.startswith("-I") for line in filter_)
 
