@@ -36,7 +36,7 @@ from interceptor.library import Entry
 from interceptor.schema import _NAME_RE, HostConfig, Skin, SkinError, UserError, validate_skin
 from manager import assign, metrics
 from manager.api_common import (PERSONA_FIELDS, ApiError, from_persona, new_persona_id, persona_data,
-                                read_document, route, user_error)
+                                read_document, route, seed_routes, user_error)
 from manager.library import LibraryError, SkinLibrary, effective_links, entry_data, in_use_message, worn_by
 
 DEFAULT_HOST = "127.0.0.1"
@@ -334,18 +334,7 @@ def create_app(config: HostConfig, token: str | None = None, verify_timeout: flo
 
 def _host_routes(api: Api, openapi: Callable) -> list[Route]:
     return [
-        route("/skins", GET=api.list_skins, POST=api.create_skin),
-        route("/skins/{name}", GET=api.show_skin, PUT=api.update_skin, DELETE=api.delete_skin),
-        route("/vms", GET=api.list_vms),
-        route("/vms/{vm_id}", GET=api.show_vm),
-        route("/vms/{vm_id}/skins/{name}", POST=api.apply),
-        route("/vms/{vm_id}/rollback", POST=api.rollback),
-        route("/vms/{vm_id}/revert", POST=api.revert),
-        route("/vms/{vm_id}/persona", GET=api.vm_persona),
-        route("/vms/{vm_id}/persona/{persona_id}", POST=api.apply_persona),
-        route("/personas/create", POST=api.create_persona),
-        route("/personas/update/{id}", PUT=api.update_persona),
-        route("/personas/get/{id}", GET=api.get_persona),
+        *seed_routes(api),
         route("/metrics", GET=api.metrics),
         route("/openapi.json", GET=openapi),
     ]

@@ -92,3 +92,20 @@ def persona_data(skin: Skin | None, document: dict | None) -> dict[str, Any]:
         "document": document,
     }
 
+
+def seed_routes(api: Any) -> list[Route]:
+    """The seed's endpoints, served by a host's API and by a fleet manager's alike."""
+    return [
+        route("/skins", GET=api.list_skins, POST=api.create_skin),
+        route("/skins/{name}", GET=api.show_skin, PUT=api.update_skin, DELETE=api.delete_skin),
+        route("/vms", GET=api.list_vms),
+        route("/vms/{vm_id}", GET=api.show_vm),
+        route("/vms/{vm_id}/skins/{name}", POST=api.apply),
+        route("/vms/{vm_id}/rollback", POST=api.rollback),
+        route("/vms/{vm_id}/revert", POST=api.revert),
+        route("/vms/{vm_id}/persona", GET=api.vm_persona),
+        route("/vms/{vm_id}/persona/{persona_id}", POST=api.apply_persona),
+        route("/personas/create", POST=api.create_persona),
+        route("/personas/update/{id}", PUT=api.update_persona),
+        route("/personas/get/{id}", GET=api.get_persona),
+    ]

@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 
 from interceptor.schema import HostConfig, SkinError, UserError, validate_skin
 from manager import fleetctl
-from manager.api_common import ApiError, from_persona, new_persona_id, persona_data, read_document, route, user_error
+from manager.api_common import (ApiError, from_persona, new_persona_id, persona_data, read_document, route,
+                                seed_routes, user_error)
 from manager.cli_fleet import outcome_data
 from manager.fleetctl import Conflict, NotFound, Refused
 from manager.library import effective_links, entry_data
@@ -204,17 +205,6 @@ def fleet_routes(config: HostConfig, openapi: Callable) -> list:
     return [
         route("/hosts", GET=api.hosts),
         route("/fleet/apply", POST=api.fleet_apply),
-        route("/skins", GET=api.list_skins, POST=api.create_skin),
-        route("/skins/{name}", GET=api.show_skin, PUT=api.update_skin, DELETE=api.delete_skin),
-        route("/vms", GET=api.list_vms),
-        route("/vms/{vm_id}", GET=api.show_vm),
-        route("/vms/{vm_id}/skins/{name}", POST=api.apply),
-        route("/vms/{vm_id}/rollback", POST=api.rollback),
-        route("/vms/{vm_id}/revert", POST=api.revert),
-        route("/vms/{vm_id}/persona", GET=api.vm_persona),
-        route("/vms/{vm_id}/persona/{persona_id}", POST=api.apply_persona),
-        route("/personas/create", POST=api.create_persona),
-        route("/personas/update/{id}", PUT=api.update_persona),
-        route("/personas/get/{id}", GET=api.get_persona),
+        *seed_routes(api),
         route("/openapi.json", GET=openapi),
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,3 +53,29 @@ def ready_script(lab, ns: str, script: str, *args) -> Iterator[subprocess.Popen]
     finally:
         proc.kill()
         proc.wait()
+
+
+class AgentProcess:
+    """`netskin agent` run in network namespace ``ns``, its output in ``log_path``."""
+
+    def __init__(self, name: str, ns: str, config, log_path, lease_ttl_s: int) -> None:
+        self.name, self.ns, self.config, self.log_path, self.lease_ttl_s = name, ns, config, log_path, lease_ttl_s
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, sys.executable, "-m", "manager.cli", "agent",
+                 "--config", str(self.config), "--lease-ttl", str(self.lease_ttl_s), "--conditions-every", "1"],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except FileNotFoundError:
+            return ""

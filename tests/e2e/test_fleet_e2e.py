@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 from manager import fleet, measure, store
 from manager.fleet import Desired, SkinDocument
 from manager.process import DaemonProcess
+from tests.e2e.netns_helpers import AgentProcess
 from tests.e2e.etcd_lab import Etcd, etcd_skip_reason, trio_in_netns
 
 pytestmark = pytest.mark.e2e
@@ -38,30 +37,6 @@ def wait_for(what: str, predicate, timeout: float = 20.0, log=None):
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout:g} s: {what}" + (f"\nagent log:\n{log()}" if log else ""))
 
-
-class Agent:
-    def __init__(self, lab, config: Path) -> None:
-        self.lab, self.config = lab, config
-        self.log_path = config.with_name("agent.log")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.lab.hv_ns, sys.executable, "-m", "manager.cli", "agent",
-                 "--config", str(self.config), "--lease-ttl", str(LEASE_TTL_S), "--conditions-every", "1"],
-                stdout=log, stderr=subprocess.STDOUT)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-5000:]
-        except FileNotFoundError:
-            return ""
 
 
 class Client:
@@ -105,7 +80,7 @@ def test_agent_converges_resyncs_and_fails_static(lab, etcd):
     config = lab.config_path.with_name("fleet.toml")
     config.write_text(lab.config_path.read_text() + f'\n[store]\nendpoints = ["{etcd.endpoint}"]\nhost = "{HOST}"\n')
     client = Client(etcd)
-    agent = Agent(lab, config)
+    agent = AgentProcess("agent", lab.hv_ns, config, config.with_name("agent.log"), LEASE_TTL_S)
     daemon = DaemonProcess(config)
     try:
         daemon.start()

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from manager import fleet, fleetctl, measure, store
 from manager.fleet import Desired, SkinDocument
 from manager.process import DaemonProcess
+from tests.e2e.netns_helpers import AgentProcess
 from tests.conftest import _build_lab
 from tests.e2e.etcd_lab import Etcd, etcd_skip_reason, in_netns, trio_in_netns
 
@@ -46,30 +47,6 @@ def wait_for(what: str, predicate, timeout: float = 20.0, logs=()):
     raise AssertionError(f"not within {timeout:g} s: {what}\n" + "\n".join(f"--- {log.__self__.name} log:\n{log()}"
                                                                            for log in logs))
 
-
-class Agent:
-    def __init__(self, name: str, etcd: Etcd, config: Path) -> None:
-        self.name, self.etcd, self.config = name, etcd, config
-        self.log_path = config.with_name(f"agent-{name}.log")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.etcd.ns, sys.executable, "-m", "manager.cli", "agent",
-                 "--config", str(self.config), "--lease-ttl", str(LEASE_TTL_S), "--conditions-every", "1"],
-                stdout=log, stderr=subprocess.STDOUT)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
 
 
 class Fleet:
@@ -155,7 +132,8 @@ def two_hosts(request, tmp_path):
         manager = tmp_path / "manager.toml"
         manager.write_text(f'state_dir = "{tmp_path}/state"\nskins_dir = "{tmp_path}/skins.d"\n' + table)
         daemons = {host: DaemonProcess(path) for host, path in configs.items()}
-        agents = {host: Agent(host, etcd, path) for host, path in configs.items()}
+        agents = {host: AgentProcess(host, etcd.ns, path, path.with_name(f"agent-{host}.log"), LEASE_TTL_S)
+                  for host, path in configs.items()}
         try:
             for daemon in daemons.values():
                 daemon.start()
