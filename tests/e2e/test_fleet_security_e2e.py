@@ -19,7 +19,8 @@ from manager import fleet, fleet_security, store
 from manager.fleet import Desired, SkinDocument
 from manager.process import DaemonProcess
 from tests.e2e.etcd_lab import Etcd, etcd_skip_reason, trio_in_netns
-from tests.e2e.test_fleet_e2e import Agent, wait_for
+from tests.e2e.netns_helpers import AgentProcess
+from tests.e2e.test_fleet_e2e import LEASE_TTL_S, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -181,7 +182,7 @@ key_file = "{hv1.key_file}"
 user = "hv1"
 password_file = "{hv1.password_file}"
 """)
-        agent = Agent(lab, config)
+        agent = AgentProcess("agent", lab.hv_ns, config, config.with_name("agent.log"), LEASE_TTL_S)
         daemon = DaemonProcess(config)
 
         def manager_call(method: str, *args):
