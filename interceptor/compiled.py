@@ -18,6 +18,11 @@ if TYPE_CHECKING:  # the engine imports this module; only type names are needed 
     from interceptor.profiles import CompiledProfile
 
 NS_PER_MS = 1_000_000
+# The largest GSO super-packet the kernel queues whole (64 KiB of IP packet).
+SUPER_PACKET_BYTES = 65_536
+# A rate-limited direction takes super-packets only if its queue holds this many of them, so
+# one never overflows a queue that segments would have fitted into.
+SUPER_PACKETS_QUEUED = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,18 @@ class DirectionSkin:
             and self.ns_per_byte == 0.0
         )
 
+    @property
+    def takes_super_packets(self) -> bool:
+        """Whether nothing here decides per packet, so a GSO super-packet may stand for its
+        segments: no random loss or reordering, no trace, and room in the rate's queue."""
+        return (
+            self.loss_probability == 0.0
+            and self.gilbert_elliott is None
+            and self.reorder_probability == 0.0
+            and self.trace is None
+            and self.ns_per_byte * SUPER_PACKET_BYTES * SUPER_PACKETS_QUEUED <= self.queue_limit_ns
+        )
+
 
 PASSTHROUGH = DirectionSkin()
 
@@ -84,6 +101,19 @@ class CompiledSkin:
     optional: frozenset[str] = frozenset()  # identity fields that may stay unset on this host
     # Conditions over time: every step precompiled; the VM's step clock swaps them in (engine/timeline.py).
     timeline: CompiledTimeline | None = None
+
+    def takes_super_packets(self) -> tuple[bool, bool]:
+        """(uplink, downlink): may the direction take GSO super-packets in every step of the skin?
+        Never with a firewall profile (a verdict per packet), an MTU (a size per packet) or DNS
+        answer rewriting."""
+        skins = [self]
+        if self.timeline is not None:
+            skins += [*self.timeline.skins, *(step.end for step in self.timeline.steps)]
+        if any(skin.firewall is not None or skin.security_profile or skin.mtu is not None or skin.dns is not None
+               for skin in skins):
+            return False, False
+        return (all(skin.uplink.takes_super_packets for skin in skins),
+                all(skin.downlink.takes_super_packets for skin in skins))
 
 
 NO_SKIN = CompiledSkin(name="")

@@ -31,7 +31,7 @@ import trio
 from interceptor import control, identity, nat, reconcile, rules, sdnotify, vmset
 from interceptor.conditions import Asked, ConditionWindow
 from interceptor.assignments import Assignment, AssignmentStore, SkinCopy
-from interceptor.compiled import NO_SKIN, CompiledSkin
+from interceptor.compiled import NO_SKIN, SUPER_PACKET_BYTES, SUPER_PACKETS_QUEUED, CompiledSkin
 from interceptor.engine.timeline import StepClock
 from interceptor.library import Entry, SkinLibrary
 from interceptor.profiles import load_profile, profile_dirs
@@ -112,7 +112,7 @@ class Daemon:
     def prepare(self) -> None:
         """Compile every VM's skin, bind its queues and bring its identity in line."""
         self._library_stamp = self.library.stamp()
-        up, down = self.config.queue_numbers(0)  # one engine: all VMs share the first queue pair
+        up, down = self.config.queue_numbers(0)  # one engine: all VMs share the first queue pairs
         for name, vm in self.vms.items():
             assignment = self.store.load(name)
             if assignment is None:
@@ -132,7 +132,7 @@ class Daemon:
                 log.error("vm %s: skin %r cannot be compiled (%s); running it without a skin", name,
                           assignment.active.name if assignment.active else None, "; ".join(exc.lines))
                 compiled = NO_SKIN
-            self.shell.add_vm(name, vm.interface, up, down, addresses=_addresses(vm))
+            self.shell.add_vm(name, vm.interface, *self._queues_for(compiled), addresses=_addresses(vm))
             if self._stamp_timeline(assignment, compiled):
                 self.store.save(assignment)
             self.shell.paths[name].set_skin(compiled, assignment.generation,
@@ -140,10 +140,11 @@ class Daemon:
             self._capture_original(name)
             self._pick_dns_targets(name)
             self._apply_identity(name, reconcile.reconcile(self._identity_job(name)))
-            log.info("vm %s: queues %d/%d, skin %r generation %d", name, up, down, compiled.name,
-                     assignment.generation)
+            log.info("vm %s: queues %d/%d, skin %r generation %d", name, *self.shell.queues[name],
+                     compiled.name, assignment.generation)
         # The kernel's queue length is fixed at bind: leave room for the VMs libvirt will bring.
-        self.shell.bind(up, down, vms=len(self.vms) + (LIBVIRT_QUEUE_ROOM_VMS if self.config.libvirt else 0))
+        self.shell.bind(up, down, vms=len(self.vms) + (LIBVIRT_QUEUE_ROOM_VMS if self.config.libvirt else 0),
+                        gso_pair=self.config.queue_numbers(0, gso=True) if self.config.gso else None)
         self.shell.set_indexes(_interface_indexes())
 
     def _copy(self, name: str) -> SkinCopy:
@@ -500,12 +501,11 @@ class Daemon:
             compiled = NO_SKIN
         self._stamp_timeline(assignment, compiled)
         clock = await trio.to_thread.run_sync(self._timeline_clock, assignment, compiled)
-        up, down = self.config.queue_numbers(0)
         self.vms[name] = config
         self.libvirt_vms[name] = vm
         self.assignments[name] = assignment
         self._locks.setdefault(name, trio.Lock())
-        path = self.shell.add_vm(name, config.interface, up, down, addresses=_addresses(config))
+        path = self.shell.add_vm(name, config.interface, *self._queues_for(compiled), addresses=_addresses(config))
         path.set_skin(compiled, assignment.generation, clock)
         self._pick_dns_targets(name)
         self.shell.set_indexes(await trio.to_thread.run_sync(_interface_indexes))
@@ -589,10 +589,44 @@ class Daemon:
         raise control.ControlError(
             f"unknown VM '{vm}' (configured VMs: {known}); add it under [vms.{vm}] in the host config")
 
+    def _queues_for(self, compiled: CompiledSkin) -> tuple[int, int]:
+        """The (uplink, downlink) queues a VM wearing ``compiled`` is steered to: per direction,
+        the GSO pair if nothing in the skin decides per packet, else the per-segment pair."""
+        segments = self.config.queue_numbers(0)
+        if not self.config.gso:
+            return segments
+        up_ok, down_ok = compiled.takes_super_packets()
+        # A shared uplink queues every VM's uplink packets too: a super-packet must fit there.
+        host_kbps = self.config.host_uplink_kbps
+        if host_kbps and SUPER_PACKET_BYTES * SUPER_PACKETS_QUEUED * 8e6 / host_kbps > self.shell.uplink_queue_limit_ns:
+            up_ok = False
+        gso = self.config.queue_numbers(0, gso=True)
+        return (gso.uplink if up_ok else segments.uplink, gso.downlink if down_ok else segments.downlink)
+
+    async def _steer(self, vm: str, queues: tuple[int, int]) -> None:
+        """Move ``vm``'s packets to ``queues`` (one rules transaction). Both pairs are served by
+        this engine, so packets already queued on the old ones are still handled: no gap."""
+        before = self.shell.queues[vm]
+        self.shell.set_queues(vm, *queues)
+        try:
+            await self._install_rules()
+        except rules.RulesError as exc:
+            self.shell.set_queues(vm, *before)
+            log.error("vm %s: not moved to queues %d/%d (%s); it stays on %d/%d", vm, *queues, exc, *before)
+
     async def _enforce(self, vm: str, assignment: Assignment, compiled: CompiledSkin) -> None:
-        """Persist, then swap: a crash in between re-applies the persisted state on restart."""
+        """Persist, then swap: a crash in between re-applies the persisted state on restart.
+
+        A direction that stops taking super-packets is moved to the per-segment queue before the
+        swap (the old skin judges segments as well as super-packets); one that starts taking them
+        moves after it, so the new skin never meets a super-packet it must judge per segment."""
         await trio.to_thread.run_sync(self.store.save, assignment)
         path = self.shell.paths[vm]
+        wanted = self._queues_for(compiled)
+        segments = self.config.queue_numbers(0)
+        first = tuple(new if new in segments else old for old, new in zip(self.shell.queues[vm], wanted))
+        if first != self.shell.queues[vm]:
+            await self._steer(vm, first)
         if compiled.firewall != path.skin.firewall:
             async with self._rules_lock:
                 await trio.to_thread.run_sync(lambda: rules.set_profile(
@@ -601,6 +635,8 @@ class Daemon:
         self.assignments[vm] = assignment
         clock = await trio.to_thread.run_sync(self._timeline_clock, assignment, compiled)
         self.shell.paths[vm].set_skin(compiled, assignment.generation, clock)
+        if wanted != self.shell.queues[vm]:
+            await self._steer(vm, wanted)
         self._pick_dns_targets(vm)
         log.info("vm %s: skin %r generation %d (shadow %r)", vm, compiled.name, assignment.generation,
                  assignment.shadow.name if assignment.shadow else None)
@@ -839,6 +875,7 @@ class Daemon:
 
     def status(self, vm: str | None = None) -> dict:
         names = [self._vm(vm)] if vm else list(self.shell.paths)
+        gso_queues = self.config.queue_numbers(0, gso=True) if self.config.gso else ()
         out = {}
         for name in names:
             path = self.shell.paths[name]
@@ -862,6 +899,9 @@ class Daemon:
                 "icmp_errors_sent": path.icmp_sent,
                 "errors": self.shell.errors.get(name, 0),
                 "queues": {"uplink": up, "downlink": down},
+                # Whether the direction takes GSO super-packets whole (its packet counts then
+                # count super-packets; its bytes are the real ones).
+                "super_packets": {"uplink": up in gso_queues, "downlink": down in gso_queues},
                 "uplink": path.uplink.snapshot(),
                 "downlink": path.downlink.snapshot(),
                 "timeline": self._timeline_status(name),

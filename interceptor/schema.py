@@ -120,7 +120,8 @@ class VmConfig(_Strict):
         return None if value is None else _check_name(value, "skin")
 
 
-WORKERS = 1  # engine workers, each with one queue pair (see HostConfig.queue_base)
+WORKERS = 1  # engine workers, each with two queue pairs (see HostConfig.queue_base)
+QUEUES_PER_WORKER = 4  # per-segment uplink and downlink, then the GSO pair
 
 
 class VmQueues(NamedTuple):
@@ -178,9 +179,15 @@ class HostConfig(_Strict):
     host_uplink_kbps: Annotated[int, Field(ge=0, strict=True)] = 0
     # The network namespace the daemon enters at start (the lab's stand-in hypervisor).
     host_netns: str | None = None
-    # NFQUEUE numbers are 16 bit. Each engine worker owns a group of whole VMs and one queue pair:
-    # worker k uses queue_base + 2k (uplink) and queue_base + 2k + 1 (downlink). One worker today.
+    # NFQUEUE numbers are 16 bit. Each engine worker owns a group of whole VMs and two queue
+    # pairs: worker k uses queue_base + 4k (uplink) and + 4k + 1 (downlink) for packets judged one
+    # segment at a time, + 4k + 2 and + 4k + 3 for GSO super-packets. One worker today.
     queue_base: Annotated[int, Field(ge=0, le=65_535, strict=True)] = 7700
+    # A VM direction whose skin makes no per-packet decision (no loss, reordering, trace, firewall
+    # profile, MTU or DNS rewriting; a rate, if any, with room for a 64 KiB super-packet in its
+    # queue) takes the kernel's GSO super-packets whole: a TCP stream crosses the queue tens of
+    # times less often. False: every direction takes segments.
+    gso: bool = True
     rules_dir: Path | None = None  # extra drop-in directory for firewall profiles
     # Packets one VM may have held per direction (delay, rate queue); more are dropped as
     # "overflow", so one VM's flood cannot exhaust memory or fill its kernel queue.
@@ -212,11 +219,11 @@ class HostConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> HostConfig:
-        last_queue = self.queue_base + 2 * WORKERS - 1
+        last_queue = self.queue_base + QUEUES_PER_WORKER * WORKERS - 1
         if last_queue > 65_535:
             raise ValueError(
-                f"queue_base: {self.queue_base} leaves no room for the queue pair "
-                f"(needs queue_base + 1 ≤ 65535)"
+                f"queue_base: {self.queue_base} leaves no room for the queues "
+                f"(needs queue_base + {QUEUES_PER_WORKER * WORKERS - 1} ≤ 65535)"
             )
         seen: dict[tuple[str, str], str] = {}
         for name, vm in self.vms.items():
@@ -228,9 +235,11 @@ class HostConfig(_Strict):
                 seen[key] = name
         return self
 
-    def queue_numbers(self, worker: int = 0) -> VmQueues:
-        """The NFQUEUE pair of engine worker ``worker`` (0-based), shared by the VMs it owns."""
-        return VmQueues(self.queue_base + 2 * worker, self.queue_base + 2 * worker + 1)
+    def queue_numbers(self, worker: int = 0, gso: bool = False) -> VmQueues:
+        """An NFQUEUE pair of engine worker ``worker`` (0-based), shared by the VMs it owns: the
+        per-segment pair, or (``gso``) the pair that takes GSO super-packets."""
+        first = self.queue_base + QUEUES_PER_WORKER * worker + (2 if gso else 0)
+        return VmQueues(first, first + 1)
 
     def vm_queues(self, vm: str) -> VmQueues:
         """The NFQUEUE numbers carrying this VM's uplink and downlink (its worker's pair)."""

@@ -4,7 +4,9 @@ It maps ``interceptor.engine.path`` onto the outside world and knows no stage: o
 pair (uplink, downlink) for all its VMs, each packet handed to its VM's path by the devices the
 kernel reports with it (``interceptor.engine.classify``: a dict lookup, whatever the number of
 VMs), a timerfd armed for the engine's next due time, netfilterqueue verdicts, payload rewrites
-and the raw sockets that send ICMP errors. A packet whose handling raises is verdicted by
+and the raw sockets that send ICMP errors. A second queue pair, bound with the kernel's GSO flag,
+carries the directions whose skin makes no per-packet decision: there a packet may be a
+super-packet of up to 64 KiB, weighed by the size in its IP header and never rewritten. A packet whose handling raises is verdicted by
 ``fail_mode`` and counted; the daemon keeps serving. So is a packet of a device the shell does
 not know (counted as ``unclassified``): the owner then reads the interface indexes again
 (``indexes_wanted``), since a recreated tap comes back with a new index.
@@ -24,7 +26,7 @@ from interceptor.engine import ACCEPT, DROP_ERROR, Drop
 from interceptor.engine.classify import Classifier, destination_of
 from interceptor.engine.path import HELD, Engine, Rewrite, SendIcmp, VmPath
 from interceptor.inject import Injector
-from interceptor.nfqueue import Queue
+from interceptor.nfqueue import Queue, real_length
 from interceptor.timer import TimerFd
 
 log = logging.getLogger("netskin.shell")
@@ -52,6 +54,7 @@ class Shell:
     ) -> None:
         self.fail_open = fail_open
         self.max_held = max_held
+        self.uplink_queue_limit_ns = uplink_queue_limit_ns  # of the shared host uplink
         self.engine = Engine(host_uplink_kbps=host_uplink_kbps, uplink_queue_limit_ns=uplink_queue_limit_ns,
                              max_held_per_direction=max_held)
         self.paths: dict[str, VmPath] = self.engine.paths
@@ -95,13 +98,22 @@ class Shell:
         self.errors.pop(name, None)
         self.faults.pop(name, None)
 
-    def bind(self, uplink_queue: int, downlink_queue: int, vms: int | None = None) -> None:
+    def set_queues(self, name: str, uplink_queue: int, downlink_queue: int) -> None:
+        """The queues ``name``'s packets are steered to (the owner installs the rules)."""
+        self.queues[name] = (uplink_queue, downlink_queue)
+
+    def bind(self, uplink_queue: int, downlink_queue: int, vms: int | None = None,
+             gso_pair: tuple[int, int] | None = None) -> None:
         """Bind the queue pair all the VMs' packets arrive on (``vms``: how many VMs it must
-        make room for, if more than the shell has now)."""
+        make room for, if more than the shell has now) and, if given, the pair that takes GSO
+        super-packets."""
         # Held packets count against the kernel's queue length: every VM may hold max_held.
         max_len = self.max_held * max(1, len(self.paths), vms or 0) + KERNEL_QUEUE_HEADROOM
-        for number, outgoing in ((uplink_queue, True), (downlink_queue, False)):
-            self._queues.append(Queue(number, self._handler(outgoing), max_len=max_len, fail_open=self.fail_open))
+        pairs = [(uplink_queue, downlink_queue, False)] + ([(*gso_pair, True)] if gso_pair else [])
+        for up, down, gso in pairs:
+            for number, outgoing in ((up, True), (down, False)):
+                self._queues.append(Queue(number, self._handler(outgoing, gso), max_len=max_len,
+                                          fail_open=self.fail_open, gso=gso))
 
     def set_indexes(self, indexes: dict[str, int]) -> bool:
         """The kernel's interface name → index map (read by the owner); whether anything changed."""
@@ -112,10 +124,11 @@ class Shell:
 
     # -- packets ------------------------------------------------------------------------------
 
-    def _handler(self, outgoing: bool) -> Callable:
+    def _handler(self, outgoing: bool, gso: bool = False) -> Callable:
         # The hot path: everything it needs is bound to locals once, here; the engine's handler
         # and whether it needs the packet's bytes are read from the path per packet (a swap or a
-        # timeline changes them).
+        # timeline changes them). On a GSO queue (``gso``) the packet's size is read from its IP
+        # header: only the first bytes of a super-packet are copied up.
         engine = self.engine
         held = engine.held
         no_link = engine.link is None
@@ -154,9 +167,17 @@ class Shell:
                 try:
                     if fault_injection and faults.get(path.name):
                         _inject_fault(faults, path.name)
-                    verdict = path.on_uplink(packet, packet.get_payload_len(),
-                                             packet.get_payload() if path.needs_payload_up else None,
-                                             monotonic_ns(), rand)
+                    if gso:
+                        data = packet.get_payload()
+                        size = real_length(data)
+                        verdict = path.on_uplink(packet, size, data if path.needs_payload_up else None,
+                                                 monotonic_ns(), rand)
+                        if verdict.__class__ is Rewrite and size > len(data):
+                            verdict = verdict.then  # a super-packet is never rewritten
+                    else:
+                        verdict = path.on_uplink(packet, packet.get_payload_len(),
+                                                 packet.get_payload() if path.needs_payload_up else None,
+                                                 monotonic_ns(), rand)
                     if verdict is ACCEPT:  # the common case, without a call
                         packet.accept()
                     else:
@@ -176,9 +197,17 @@ class Shell:
                 try:
                     if fault_injection and faults.get(path.name):
                         _inject_fault(faults, path.name)
-                    verdict = path.on_downlink(packet, packet.get_payload_len(),
-                                               packet.get_payload() if path.needs_payload_down else None,
-                                               monotonic_ns(), rand)
+                    if gso:
+                        data = packet.get_payload()
+                        size = real_length(data)
+                        verdict = path.on_downlink(packet, size, data if path.needs_payload_down else None,
+                                                   monotonic_ns(), rand)
+                        if verdict.__class__ is Rewrite and size > len(data):
+                            verdict = verdict.then
+                    else:
+                        verdict = path.on_downlink(packet, packet.get_payload_len(),
+                                                   packet.get_payload() if path.needs_payload_down else None,
+                                                   monotonic_ns(), rand)
                     if verdict is ACCEPT:
                         packet.accept()
                     else:

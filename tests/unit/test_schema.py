@@ -422,7 +422,8 @@ def test_the_example_host_configuration_loads(monkeypatch):
     assert config.vm_queues("web1") == (7700, 7701)
     assert config.vm_queues("db1") == (7700, 7701)  # one engine worker: one queue pair for all VMs
     assert config.queue_numbers(0) == config.vm_queues("db1")
-    assert config.queue_numbers(1) == (7702, 7703)  # worker 1's pair
+    assert config.queue_numbers(0, gso=True) == (7702, 7703)  # the pair taking GSO super-packets
+    assert config.queue_numbers(1) == (7704, 7705)  # worker 1's pair
     with pytest.raises(ConfigError, match="unknown VM"):
         config.vm_queues("nope")
 
@@ -469,7 +470,7 @@ def test_the_environment_names_the_configuration_and_relative_paths_are_beside_i
         ),
         (
             'queue_base = 65535\n[vms.a]\ninterface = "t"\naddress = "10.0.0.1"\n',
-            "queue_base: 65535 leaves no room for the queue pair",
+            "queue_base: 65535 leaves no room for the queues",
         ),
     ],
 )

@@ -1,0 +1,108 @@
+"""Which directions take GSO super-packets, and how the shell weighs and verdicts one (no kernel)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import replace
+
+import pytest
+
+from interceptor.compiled import CompiledSkin
+from interceptor.engine import ACCEPT
+from interceptor.engine.path import Rewrite
+from interceptor.nfqueue import real_length
+from interceptor.schema import compile_skin, validate_skin
+from interceptor.shell import Shell
+from interceptor.timeline import compile_timeline
+from tests.unit.test_shell_classify import FakePacket
+
+
+def takes(**fields) -> tuple[bool, bool]:
+    skin = validate_skin({"name": "s", **fields})
+    compiled = compile_skin(skin)
+    if skin.timeline is not None:
+        compiled = replace(compiled, timeline=compile_timeline(skin, compiled))
+    return compiled.takes_super_packets()
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({}, (True, True)),
+    ({"latency_ms": 1, "jitter_ms": 5}, (True, True)),
+    ({"bandwidth_limit_kbps": 1_000_000}, (True, True)),
+    # 4 super-packets at 1 Mbit/s are 2.1 s of queue: more than the 500 ms allowed.
+    ({"bandwidth_limit_kbps": 1000}, (False, False)),
+    ({"bandwidth_limit_kbps": 1000, "queue_limit_ms": 3000}, (True, True)),
+    ({"packet_loss_percent": 1}, (False, False)),
+    ({"reorder_percent": 5, "latency_ms": 10}, (False, False)),
+    ({"uplink": {"loss_percent": 2}}, (False, True)),  # per direction
+    ({"downlink": {"rate_kbps": 500}}, (True, False)),
+    ({"security_profile": "restricted"}, (False, False)),
+    ({"mtu": 1400}, (False, False)),
+    ({"dns": {"block": ["ads.example"]}}, (False, False)),
+    # A timeline takes super-packets only if every one of its steps does.
+    ({"timeline": {"steps": [{"for": "2s"}, {"for": "1s", "set": {"packet_loss_percent": 100}}]}}, (False, False)),
+    ({"timeline": {"steps": [{"for": "2s"}, {"for": "1s", "set": {"latency_ms": 300}, "ramp": True}]}}, (True, True)),
+])
+def test_only_directions_without_per_packet_decisions_take_super_packets(fields, expected):
+    assert takes(**fields) == expected
+
+
+def ipv4(total: int, captured: int) -> bytes:
+    return (struct.pack("!BBH", 0x45, 0, total) + bytes(16))[:captured].ljust(captured, b"\0")
+
+
+def test_real_length_reads_the_ip_header():
+    assert real_length(ipv4(64_000, 4016)) == 64_000
+    assert real_length(b"\x60" + bytes(3) + struct.pack("!H", 60_000) + bytes(34)) == 60_040
+    assert real_length(ipv4(20, 60)) == 60  # a header that says less: the bytes at hand
+    assert real_length(b"\x60" + bytes(39)) == 40  # a jumbogram's zero length
+    assert real_length(b"\x45") == 1
+
+
+class _Rewriting:
+    """A path stand-in whose uplink always asks for a rewrite."""
+
+    name = "vm"
+    needs_payload_up = True
+    uplink = None
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_uplink(self, packet, size, data, now, rand):
+        self.sizes.append(size)
+        return Rewrite(b"rewritten", ACCEPT)
+
+
+class RecordingPacket(FakePacket):
+    def set_payload(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+@pytest.fixture
+def shell():
+    s = Shell(fail_open=True)
+    s.add_vm("vm", "tap-a", 7702, 7703)
+    s.set_indexes({"tap-a": 7})
+    yield s
+    s.injector.close()
+
+
+def test_a_super_packet_is_weighed_by_its_header_and_never_rewritten(shell):
+    shell.set_skin("vm", CompiledSkin(name="plain"), 1)
+    shell._handler(True, gso=True)(packet := FakePacket(indev=7, payload=ipv4(64_000, 4016)))
+    assert packet.verdict == "accept"
+    snapshot = shell.paths["vm"].uplink.snapshot()
+    assert (snapshot["packets"], snapshot["bytes"]) == (1, 64_000)
+    # The per-segment queue's handler counts what was copied: there it is the whole packet.
+    shell._handler(True)(FakePacket(indev=7, payload=ipv4(1500, 1500)))
+    assert shell.paths["vm"].uplink.snapshot()["bytes"] == 65_500
+
+    rewriting = _Rewriting()
+    shell.classifier.by_index[7] = rewriting
+    handle = shell._handler(True, gso=True)
+    handle(truncated := RecordingPacket(indev=7, payload=ipv4(64_000, 4016)))
+    handle(whole := RecordingPacket(indev=7, payload=ipv4(300, 300)))
+    assert rewriting.sizes == [64_000, 300]
+    assert truncated.verdict == "accept" and truncated.payload == ipv4(64_000, 4016)
+    assert whole.verdict == "accept" and whole.payload == b"rewritten"
