@@ -6,6 +6,8 @@ VMs given, and accepts every packet in the callback, served by the blocking ``ru
 fastest form). The uplink queue, which carries the benchmark's traffic, is served on the main
 thread; the downlink queue (a few control packets) on a thread that blocks the stop signals, so
 SIGTERM always lands on the main thread, interrupts its ``recv`` and removes the rules.
+``--gso`` binds the queues with the kernel's GSO flag (super-packets whole, as the daemon's GSO
+pair takes them).
 
 Run inside the namespace the daemon would run in:
 
@@ -22,7 +24,7 @@ import threading
 from netfilterqueue import COPY_PACKET, NetfilterQueue
 
 from interceptor import rules
-from interceptor.nfqueue import set_fail_open
+from interceptor.nfqueue import set_queue_flags
 
 # The same binding parameters as interceptor.nfqueue.Queue uses.
 MAX_LEN = 16384
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interface", action="append", required=True, help="a VM's host-side device (repeatable)")
     parser.add_argument("--queue-base", type=int, default=7700)
     parser.add_argument("--fail-open", action="store_true", help="as fail_mode = open (default: closed)")
+    parser.add_argument("--gso", action="store_true", help="take GSO super-packets whole (default: segments)")
     args = parser.parse_args(argv)
 
     queues: list[NetfilterQueue] = []
@@ -50,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     for number in (uplink, downlink):
         queue = NetfilterQueue()
         queue.bind(number, accept, max_len=MAX_LEN, mode=COPY_PACKET, sock_len=SOCK_LEN)
-        if args.fail_open:
-            set_fail_open(queue.get_fd(), number)
+        flags = (1 if args.fail_open else 0) | (4 if args.gso else 0)  # NFQA_CFG_F_FAIL_OPEN, _GSO
+        if flags:
+            set_queue_flags(queue.get_fd(), number, flags)
         queues.append(queue)
     steering = [rules.VmRules(f"vm{index + 1}", interface, uplink, downlink)
                 for index, interface in enumerate(args.interface)]

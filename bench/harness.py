@@ -169,8 +169,9 @@ class Harness:
 
     # -- the queue-serving processes ----------------------------------------------------------
 
-    def start_bare_loop(self) -> subprocess.Popen:
-        proc = self.python("hv", "bench.bare_loop", "--interface", self.vm.interface, "--queue-base", 7700)
+    def start_bare_loop(self, gso: bool = False) -> subprocess.Popen:
+        proc = self.python("hv", "bench.bare_loop", "--interface", self.vm.interface, "--queue-base", 7700,
+                           *(["--gso"] if gso else []))
         self.wait_ready(proc, "the bare netfilterqueue loop")
         self.hv_pid = proc.pid
         return proc

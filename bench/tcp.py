@@ -1,16 +1,18 @@
 """TCP goodput through the queue (``python -m bench.run --only tcp``; also in the full run).
 
 One iperf3 TCP stream vm1 → inet, repeated, through: no queue (no netskin rules), no queue with
-the host segmenting every packet, the bare netfilterqueue accept loop, and the
-daemon in pass-through, with a delay-only skin (``latency_ms`` 1) and with
-``bandwidth_limit_kbps`` 1 000 000. Goodput is the receiver's per-second payload, slow start
+the host segmenting every packet, the bare netfilterqueue accept loop (segments, then with the
+GSO flag), and the daemon in pass-through, with a delay-only skin (``latency_ms`` 1) and with
+``bandwidth_limit_kbps`` 1 000 000 (all three on its GSO queue pair), and, restarted with
+``gso = false``, with the delay-only skin again: the same skin with every segment crossing. Goodput is the receiver's per-second payload, slow start
 skipped (``Harness.tcp_goodput``); medians over the repeats. For each run it also reads the CPU of
 the whole queue process (every thread and the daemon's helper worker) and the packets that crossed
 each queue.
 
-The queue has no GSO flag, so the kernel cuts every GSO packet into 1448-byte segments before
-queueing it: the queue sees one packet per segment (``uplink packets per segment``), where without
-a queue a 64 KB GSO packet crosses the host's forwarding path once. The "host segments" row sets
+Without the GSO flag the kernel cuts every GSO packet into 1448-byte segments before queueing it:
+the queue sees one packet per segment (``uplink packets per segment``), where without a queue a
+64 KB GSO packet crosses the host's forwarding path once. With it (the daemon's GSO pair, which
+the three skins here qualify for) a super-packet crosses whole. The "host segments" row sets
 ``gso_max_segs`` 1 on the host's egress device toward inet, so the kernel segments each GSO
 packet in software at that point, in the same namespace as the queue would, and everything
 after it is per segment, as after the queue: what that costs with no user space in the path
@@ -43,9 +45,11 @@ PATHS = {
     "no_queue": "no queue",
     "host_segments": "no queue, host segments",
     "bare_loop": "bare loop",
+    "bare_loop_gso": "bare loop, GSO flag",
     "pass_through": "daemon, pass-through",
     "delay": f"daemon, latency_ms {DELAY_MS}",
     "rate": f"daemon, {RATE_KBPS // 1000} Mbit/s",
+    "delay_segments": f"daemon, latency_ms {DELAY_MS}, gso = false",
 }
 
 
@@ -134,13 +138,14 @@ def measure(h: Harness, plan: TcpPlan, step=print) -> dict:
     finally:
         _set_egress_gso_segs(h, GSO_RESTORE_SEGS)
 
-    step("TCP: bare netfilterqueue loop")
-    bare = h.start_bare_loop()
-    try:
-        for _ in range(plan.repeats):
-            repeat("bare_loop", bare.pid)
-    finally:
-        h.stop(bare)
+    for key, gso in (("bare_loop", False), ("bare_loop_gso", True)):
+        step(f"TCP: bare netfilterqueue loop{', GSO flag' if gso else ''}")
+        bare = h.start_bare_loop(gso=gso)
+        try:
+            for _ in range(plan.repeats):
+                repeat(key, bare.pid)
+        finally:
+            h.stop(bare)
 
     step(f"TCP: daemon, pass-through / latency_ms {DELAY_MS} / {RATE_KBPS // 1000} Mbit/s, interleaved")
     h.add_skins([DELAY_SKIN, RATE_SKIN])
@@ -156,6 +161,22 @@ def measure(h: Harness, plan: TcpPlan, step=print) -> dict:
         h.revert()
     finally:
         h.stop_daemon(daemon)
+
+    step(f"TCP: daemon with gso = false, latency_ms {DELAY_MS}")
+    config = h.daemon_config
+    h.daemon_config = config.with_name("bench-segments.toml")
+    h.daemon_config.write_text("gso = false\n" + config.read_text())
+    try:
+        daemon = h.start_daemon()
+        try:
+            h.apply(DELAY_SKIN)
+            for _ in range(plan.repeats):
+                repeat("delay_segments", daemon.pid)
+            h.revert()
+        finally:
+            h.stop_daemon(daemon)
+    finally:
+        h.daemon_config = config
 
     return {"plan": {"seconds": plan.seconds, "skip_s": plan.skip_s, "repeats": plan.repeats},
             "gso_error": gso_error, "runs": runs,
@@ -182,6 +203,8 @@ def judge(summary: dict) -> dict:
         "rate_reachable": reachable,
         "rate_met": reachable and abs(rate_error) <= RATE_TOLERANCE,
     }
+    if "delay_segments" in gbps:
+        verdict["super_packet_gain"] = gbps["delay"] / gbps["delay_segments"]
     if "host_segments" in gbps:
         # Per GB moved, time and the machine's CPU add up along the path where rates do not: the
         # share of what the bare loop adds over no queue that segmenting alone already adds.
@@ -211,7 +234,11 @@ def rows(result: dict) -> list[dict]:
         {"metric": f"TCP goodput uplink at {RATE_KBPS // 1000} Mbit/s (bandwidth_limit_kbps {RATE_KBPS})",
          "measured": rate_measured, "goal": f"±{100 * RATE_TOLERANCE:g} %", "met": v["rate_met"],
          "value": v["rate_error"]},
-    ]
+    ] + ([
+        {"metric": f"TCP goodput uplink, latency_ms {DELAY_MS}: GSO super-packets vs segments (gso = false)",
+         "measured": f"{v['super_packet_gain']:.1f}× ({g['delay']:.2f} vs {g['delay_segments']:.2f} Gbit/s)",
+         "goal": "—", "met": None, "value": v["super_packet_gain"]},
+    ] if "super_packet_gain" in v else [])
 
 
 def notes(result: dict) -> list[str]:
@@ -238,6 +265,13 @@ def notes(result: dict) -> list[str]:
             "is the crossing to user space and back.")
     if result.get("gso_error"):
         out.append(f"TCP: the no-GSO row could not be measured: {result['gso_error']}")
+    delay = summary["delay"]
+    if "uplink_packets_per_segment" in delay and delay["uplink_packets_per_segment"] > 0:
+        out.append(
+            f"TCP: through the daemon's GSO pair (latency_ms {DELAY_MS}) one uplink queue packet carried "
+            f"{1 / delay['uplink_packets_per_segment']:.1f} segments on average "
+            f"({delay['uplink_packets_per_s'] / 1000:.1f}k pkt/s); the daemon used "
+            f"{delay.get('cpu_percent_of_core', math.nan):.0f} % of a core.")
     rate = summary["rate"]
     if not v["rate_met"] and "cpu_us_per_packet" in rate:
         out.append(

@@ -98,11 +98,6 @@ def real_length(payload: bytes) -> int:
     return len(payload)
 
 
-def set_fail_open(fd: int, queue: int) -> None:
-    """Ask the kernel to accept, not drop, packets when this queue is full."""
-    set_queue_flags(fd, queue, _NFQA_CFG_F_FAIL_OPEN)
-
-
 def set_queue_flags(fd: int, queue: int, flags: int) -> None:
     """Set the queue's flags (one attribute holding all of them: the kernel reads one per type)."""
     mask = _NFQA_CFG_F_FAIL_OPEN | _NFQA_CFG_F_GSO

@@ -3,8 +3,10 @@
 Steering, in the mangle table, costs a packet the same whatever the number of VMs. Chain
 ``NETSKIN-UP``, appended to PREROUTING, sends what enters from a VM to its group's uplink queue;
 chain ``NETSKIN-DOWN``, appended to POSTROUTING, sends what leaves towards a VM to its group's
-downlink queue. A group of VMs (today: all of them) shares one queue pair, and the daemon tells
-the VMs apart by the packet's devices (``interceptor.engine.classify``).
+downlink queue. A group of VMs (today: all of them) shares its queues, and the daemon tells the
+VMs apart by the packet's devices (``interceptor.engine.classify``); each VM's leaf rules name the
+queue of each of its directions (the daemon's per-segment or GSO pair), so moving a direction is
+rewriting its leaves.
 
 A device match takes an exact name or a prefix (``tap+``), so the VMs' interface names are laid
 out as a radix tree of chains (``NETSKIN-TI-<hash>`` and its kin): each chain covers one common
@@ -180,14 +182,14 @@ def set_name(queue: int, version: int) -> str:
     return f"{SET_PREFIX}{queue}-v{version}"
 
 
-def _queues(vms: list[VmRules]) -> list[tuple[int, int]]:
-    """The distinct (uplink, downlink) queue pairs, in the order of their first VM."""
-    return list(dict.fromkeys((vm.uplink_queue, vm.downlink_queue) for vm in vms))
+def _downlink_queues(vms: list[VmRules]) -> list[int]:
+    """The distinct downlink queues, in the order of their first VM."""
+    return list(dict.fromkeys(vm.downlink_queue for vm in vms))
 
 
 def set_names(vms: list[VmRules], versions: list[int]) -> list[str]:
     """One set per downlink queue and address family."""
-    return [set_name(down, version) for _, down in _queues(vms) for version in versions]
+    return [set_name(down, version) for down in _downlink_queues(vms) for version in versions]
 
 
 def set_entries(vms: list[VmRules], queue: int, version: int) -> list[str]:
@@ -205,7 +207,7 @@ def render_sets(vms: list[VmRules], versions: list[int]) -> str:
     """``ipset restore`` input that makes each downlink queue's sets hold exactly ``vms``' entries:
     each is filled under a temporary name and swapped in, so a set in use is never empty."""
     lines = []
-    for _, queue in _queues(vms):
+    for queue in _downlink_queues(vms):
         for version in versions:
             name, temporary = set_name(queue, version), f"{set_name(queue, version)}-new"
             entries = set_entries(vms, queue, version)
@@ -406,7 +408,7 @@ def _mangle_lines(table: SavedTable | None, vms: list[VmRules] | None, fail_open
     lines += down_lines
     # Routed by the host onto a VM's bridge: the port is chosen after POSTROUTING, so the VM is
     # told by its address on that bridge, looked up in the queue's set.
-    for _, down in _queues(vms):
+    for down in _downlink_queues(vms):
         lines.append(f'-A {DOWN_CHAIN} -m set --match-set {set_name(down, version)} dst,dst '
                      f'-m comment --comment "{TAG} downlink routed onto a bridge" -j NFQUEUE --queue-num {down}{bypass}')
     lines.append(f'-A {DOWN_CHAIN} -m physdev --physdev-is-bridged -m comment --comment "{TAG}" -j {DOWN_PORTS_CHAIN}')

@@ -14,8 +14,8 @@ def _summary(gbps: dict, machine_s_per_gb: dict | None = None) -> dict:
             for key, value in gbps.items()}
 
 
-PATHS_GBPS = {"no_queue": 10.0, "host_segments": 5.0, "bare_loop": 0.8, "pass_through": 1.2, "delay": 0.9,
-              "rate": 0.98}
+PATHS_GBPS = {"no_queue": 10.0, "host_segments": 5.0, "bare_loop": 0.8, "bare_loop_gso": 4.0,
+              "pass_through": 1.2, "delay": 0.9, "rate": 0.98, "delay_segments": 0.3}
 
 
 def test_goodput_skips_slow_start_and_the_last_interval_but_counts_the_whole_run() -> None:
@@ -54,6 +54,11 @@ def test_judge_ratios_and_goals() -> None:
     assert verdict["vs_bare_loop"]["pass_through"] == pytest.approx(1.5)
     assert not verdict["delay_met"]  # 9 % of no queue
     assert verdict["rate_reachable"] and verdict["rate_met"]  # 0.98 Gbit/s of 1, pass-through 1.2
+    assert verdict["super_packet_gain"] == pytest.approx(3.0)  # the same skin with gso = false
+    gain_row = tcp.rows({"summary": _summary(PATHS_GBPS)})[3]
+    assert gain_row["measured"].startswith("3.0×") and gain_row["met"] is None
+    without = {k: v for k, v in PATHS_GBPS.items() if k != "delay_segments"}
+    assert "super_packet_gain" not in tcp.judge(_summary(without)) and len(tcp.rows({"summary": _summary(without)})) == 3
 
 
 def test_a_rate_pass_through_cannot_reach_is_not_met_and_says_so() -> None:

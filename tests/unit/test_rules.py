@@ -142,6 +142,24 @@ def test_the_sets_are_filled_under_a_temporary_name_and_swapped_in():
     assert rules.render_sets([], [4, 6]) == ""
 
 
+def test_each_direction_goes_to_its_own_queue_and_each_downlink_queue_has_one_set():
+    """VMs split over the per-segment pair (7700/7701) and the GSO pair (7702/7703), per direction."""
+    vms = [rules.VmRules("a", "tap-a", 7700, 7701, bridge="br0", address="10.0.0.2"),
+           rules.VmRules("b", "tap-b", 7702, 7701, bridge="br0", address="10.0.0.3"),
+           rules.VmRules("c", "tap-c", 7702, 7703, bridge="br0", address="10.0.0.4")]
+    assert rules.set_names(vms, [4]) == ["netskin-7701-v4", "netskin-7703-v4"]
+    sets = rules.render_sets(vms, [4])
+    assert sets.count("create netskin-7701-v4 ") == 1 and sets.count("create netskin-7703-v4 ") == 1
+    assert rules.set_entries(vms, 7701, 4) == ["10.0.0.2/32,br0", "10.0.0.3/32,br0"]
+    assert rules.set_entries(vms, 7703, 4) == ["10.0.0.4/32,br0"]
+    mangle = section(rules.render_install("", vms, fail_open=False, version=4), "mangle")
+    for name, up, down in (("a", 7700, 7701), ("b", 7702, 7701), ("c", 7702, 7703)):
+        assert any(f"vm={name} uplink\" -j NFQUEUE --queue-num {up}" in line for line in mangle)
+        assert any(f"vm={name} downlink\" -j NFQUEUE --queue-num {down}" in line for line in mangle)
+    by_set = [line for line in mangle if "--match-set" in line]
+    assert len(by_set) == 2 and by_set[0].endswith("--queue-num 7701") and by_set[1].endswith("--queue-num 7703")
+
+
 def test_reinstalling_with_fewer_vms_deletes_the_tree_chains_no_longer_needed():
     many = [rules.VmRules(f"vm{i}", f"tap{i}", 7700, 7701) for i in range(30)]
     saved = _as_saved(rules.render_install("", many, fail_open=True, version=4))
