@@ -24,7 +24,7 @@ import threading
 from netfilterqueue import COPY_PACKET, NetfilterQueue
 
 from interceptor import rules
-from interceptor.nfqueue import set_queue_flags
+from interceptor.nfqueue import GSO_COPY_BYTES, SEGMENT_COPY_BYTES, set_queue_flags
 
 # The same binding parameters as interceptor.nfqueue.Queue uses.
 MAX_LEN = 16384
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     uplink, downlink = args.queue_base, args.queue_base + 1
     for number in (uplink, downlink):
         queue = NetfilterQueue()
-        queue.bind(number, accept, max_len=MAX_LEN, mode=COPY_PACKET, sock_len=SOCK_LEN)
+        queue.bind(number, accept, max_len=MAX_LEN, mode=COPY_PACKET,
+                   range=GSO_COPY_BYTES if args.gso else SEGMENT_COPY_BYTES, sock_len=SOCK_LEN)
         flags = (1 if args.fail_open else 0) | (4 if args.gso else 0)  # NFQA_CFG_F_FAIL_OPEN, _GSO
         if flags:
             set_queue_flags(queue.get_fd(), number, flags)

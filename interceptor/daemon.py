@@ -73,7 +73,7 @@ class Daemon:
         self.store = AssignmentStore(Path(config.state_dir))
         self.library = SkinLibrary.for_config(config)
         self.shell = Shell(fail_open=config.fail_mode == "open", host_uplink_kbps=config.host_uplink_kbps,
-                           max_held=config.max_held_packets,
+                           max_held=config.max_held_packets, batch_verdicts=config.batch_verdicts,
                            fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
         # The VMs the daemon steers: the host config's [vms.*], and the libvirt VMs of running
         # domains as they come and go (interceptor.vmset; ``libvirt_vms`` holds their entries).

@@ -8,8 +8,20 @@ expose (fail-open; GSO: take a GSO super-packet whole instead of cut into segmen
 one raw NFQNL_MSG_CONFIG message on the queue's own socket.
 
 On a GSO queue a super-packet (up to 64 KiB) arrives with only its first bytes copied
-(netfilterqueue caps the copy at about 4 KB): its real size is in its IP header
-(``real_length``), and it must be accepted or dropped as it is, never rewritten.
+(``GSO_COPY_BYTES``: the IP header is all the engine reads there): its real size is in its IP
+header (``real_length``), and it must be accepted or dropped as it is, never rewritten.
+
+netfilterqueue reads each netlink message into a 4096-byte buffer and assumes 80 bytes of
+metadata; a forwarded packet's message carries more (both devices, bridge ports, hardware
+address, skb info, the captured length), so a full 4016-byte copy overflows the buffer and the
+truncated message is lost without a callback: the packet stays queued for good. Copies are
+therefore capped at ``SEGMENT_COPY_BYTES``, which leaves room for any metadata.
+
+Accepts may be sent as one batch verdict (``accept_later``, ``flush``): the kernel's
+NFQNL_MSG_VERDICT_BATCH accepts every packet of the queue up to an id, so the caller may only
+defer a packet when no earlier packet of the queue is still waiting for its own verdict (the
+shell defers only while the engine holds nothing). Deferred accepts go out at the end of each
+drain, or when ``deferred_max`` have gathered, whichever comes first.
 """
 
 from __future__ import annotations
@@ -24,10 +36,16 @@ from netfilterqueue import COPY_PACKET, NetfilterQueue
 
 _NFNL_SUBSYS_QUEUE = 3
 _NFQNL_MSG_CONFIG = 2
+_NFQNL_MSG_VERDICT_BATCH = 3
+_NFQA_VERDICT_HDR = 2
+_NF_ACCEPT = 1
 _NFQA_CFG_FLAGS = 4
 _NFQA_CFG_MASK = 5
 _NFQA_CFG_F_FAIL_OPEN = 1
 _NFQA_CFG_F_GSO = 4
+
+SEGMENT_COPY_BYTES = 3840  # a segment's copy: 256 bytes of the 4096-byte read left for metadata
+GSO_COPY_BYTES = 128  # a super-packet's copy: its IP header (and a TCP/UDP header after it)
 _NLM_F_REQUEST = 1
 _NLM_F_ACK = 4
 _NLMSG_ERROR = 2
@@ -49,21 +67,28 @@ class Queue:
         fail_open: bool = True,
         gso: bool = False,
         batch: int = 64,
+        deferred_max: int = 16,
     ) -> None:
         self.number = number
         self.gso = gso
         self.batch = batch
         self._left = batch
-        self._handler = handler
+        self.handler = handler  # may be set after construction (it may need the queue itself)
+        self.deferred_max = deferred_max
+        self._deferred = 0  # accepts waiting for the batch verdict
+        self._deferred_id = 0  # the highest of them
+        self._verdict_message = batch_verdict_message(number)
+        self._verdict_socket: socket.socket | None = None
         self._nfq = NetfilterQueue()
         # Held packets count against max_len, so it must cover the deepest rate-limit queue.
-        self._nfq.bind(number, self._on_packet, max_len=max_len, mode=COPY_PACKET, sock_len=8 << 20)
+        self._nfq.bind(number, self._on_packet, max_len=max_len, mode=COPY_PACKET,
+                       range=GSO_COPY_BYTES if gso else SEGMENT_COPY_BYTES, sock_len=8 << 20)
         flags = (_NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (_NFQA_CFG_F_GSO if gso else 0)
         if flags:
             set_queue_flags(self._nfq.get_fd(), number, flags)
 
     def _on_packet(self, packet) -> None:
-        self._handler(packet)
+        self.handler(packet)
         self._left -= 1
         if self._left <= 0:
             raise _BatchDone
@@ -78,12 +103,46 @@ class Queue:
                 run(block=False)
             except _BatchDone:
                 pass
+            finally:
+                self.flush()
             # Let the release timer and the control socket run between batches.
             await trio.lowlevel.checkpoint()
 
+    def accept_later(self, packet_id: int) -> None:
+        """Accept this packet with the next batch verdict (see the module's docstring)."""
+        self._deferred_id = packet_id
+        self._deferred += 1
+        if self._deferred >= self.deferred_max:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the deferred accepts as one batch verdict."""
+        if not self._deferred:
+            return
+        if self._verdict_socket is None:
+            self._verdict_socket = socket.socket(fileno=os.dup(self._nfq.get_fd()))
+        struct.pack_into("!I", self._verdict_message, len(self._verdict_message) - 4, self._deferred_id)
+        self._deferred = 0
+        self._verdict_socket.sendto(self._verdict_message, (0, 0))
+
     def close(self) -> None:
         """Destroy the queue; the kernel drops whatever it still holds for it."""
-        self._nfq.unbind()
+        try:
+            self.flush()
+        finally:
+            if self._verdict_socket is not None:
+                self._verdict_socket.close()  # our duplicate of the queue's fd only
+            self._nfq.unbind()
+
+
+def batch_verdict_message(queue: int, packet_id: int = 0) -> bytearray:
+    """NFQNL_MSG_VERDICT_BATCH accepting every packet of ``queue`` up to ``packet_id`` (its last
+    four bytes, the id, are rewritten per use)."""
+    attr = struct.pack("=HH", 4 + 8, _NFQA_VERDICT_HDR) + struct.pack("!II", _NF_ACCEPT, packet_id)
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(queue)) + attr
+    header = struct.pack("=IHHII", 16 + len(body), (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_VERDICT_BATCH,
+                         _NLM_F_REQUEST, 0, 0)
+    return bytearray(header + body)
 
 
 def real_length(payload: bytes) -> int:

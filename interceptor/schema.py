@@ -188,6 +188,9 @@ class HostConfig(_Strict):
     # queue) takes the kernel's GSO super-packets whole: a TCP stream crosses the queue tens of
     # times less often. False: every direction takes segments.
     gso: bool = True
+    # Accepts given while the engine holds nothing (pass-through traffic) go to the kernel as one
+    # batch verdict per drain of the queue (at most 16) instead of one system call each.
+    batch_verdicts: bool = True
     rules_dir: Path | None = None  # extra drop-in directory for firewall profiles
     # Packets one VM may have held per direction (delay, rate queue); more are dropped as
     # "overflow", so one VM's flood cannot exhaust memory or fill its kernel queue.

@@ -51,8 +51,11 @@ class Shell:
         max_held: int = 15000,
         seed: int | None = None,
         fault_injection: bool = False,
+        batch_verdicts: bool = True,
     ) -> None:
         self.fail_open = fail_open
+        # Accepts while the engine holds nothing go out as one batch verdict per drain.
+        self.batch_verdicts = batch_verdicts
         self.max_held = max_held
         self.uplink_queue_limit_ns = uplink_queue_limit_ns  # of the shared host uplink
         self.engine = Engine(host_uplink_kbps=host_uplink_kbps, uplink_queue_limit_ns=uplink_queue_limit_ns,
@@ -112,8 +115,9 @@ class Shell:
         pairs = [(uplink_queue, downlink_queue, False)] + ([(*gso_pair, True)] if gso_pair else [])
         for up, down, gso in pairs:
             for number, outgoing in ((up, True), (down, False)):
-                self._queues.append(Queue(number, self._handler(outgoing, gso), max_len=max_len,
-                                          fail_open=self.fail_open, gso=gso))
+                queue = Queue(number, None, max_len=max_len, fail_open=self.fail_open, gso=gso)
+                queue.handler = self._handler(outgoing, gso, queue)
+                self._queues.append(queue)
 
     def set_indexes(self, indexes: dict[str, int]) -> bool:
         """The kernel's interface name → index map (read by the owner); whether anything changed."""
@@ -124,11 +128,13 @@ class Shell:
 
     # -- packets ------------------------------------------------------------------------------
 
-    def _handler(self, outgoing: bool, gso: bool = False) -> Callable:
+    def _handler(self, outgoing: bool, gso: bool = False, queue: Queue | None = None) -> Callable:
         # The hot path: everything it needs is bound to locals once, here; the engine's handler
         # and whether it needs the packet's bytes are read from the path per packet (a swap or a
         # timeline changes them). On a GSO queue (``gso``) the packet's size is read from its IP
-        # header: only the first bytes of a super-packet are copied up.
+        # header: only the first bytes of a super-packet are copied up. An accept is deferred to
+        # the queue's batch verdict only while the engine holds nothing: the batch accepts every
+        # packet of the queue up to the id, which must not release a held one early.
         engine = self.engine
         held = engine.held
         no_link = engine.link is None
@@ -142,6 +148,7 @@ class Shell:
         unknown = self._unknown
         faults = self.faults
         fault_injection = self.fault_injection
+        later = queue.accept_later if queue is not None and self.batch_verdicts and no_link else None
 
         def verdict_of(packet, verdict) -> None:
             if verdict is ACCEPT:
@@ -178,8 +185,11 @@ class Shell:
                         verdict = path.on_uplink(packet, packet.get_payload_len(),
                                                  packet.get_payload() if path.needs_payload_up else None,
                                                  monotonic_ns(), rand)
-                    if verdict is ACCEPT:  # the common case, without a call
-                        packet.accept()
+                    if verdict is ACCEPT:  # the common case
+                        if later is not None and not held:
+                            later(packet.id)
+                        else:
+                            packet.accept()
                     else:
                         verdict_of(packet, verdict)
                 except Exception as exc:  # noqa: BLE001 - one packet must never end the daemon
@@ -209,7 +219,10 @@ class Shell:
                                                    packet.get_payload() if path.needs_payload_down else None,
                                                    monotonic_ns(), rand)
                     if verdict is ACCEPT:
-                        packet.accept()
+                        if later is not None and not held:
+                            later(packet.id)
+                        else:
+                            packet.accept()
                     else:
                         verdict_of(packet, verdict)
                 except Exception as exc:  # noqa: BLE001

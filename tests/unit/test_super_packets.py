@@ -106,3 +106,53 @@ def test_a_super_packet_is_weighed_by_its_header_and_never_rewritten(shell):
     assert rewriting.sizes == [64_000, 300]
     assert truncated.verdict == "accept" and truncated.payload == ipv4(64_000, 4016)
     assert whole.verdict == "accept" and whole.payload == b"rewritten"
+
+
+# --- batch verdicts -------------------------------------------------------------------------
+
+
+class NumberedPacket(FakePacket):
+    def __init__(self, packet_id: int, **kw) -> None:
+        super().__init__(**kw)
+        self.id = packet_id
+
+
+class FakeQueue:
+    def __init__(self) -> None:
+        self.later: list[int] = []
+
+    def accept_later(self, packet_id: int) -> None:
+        self.later.append(packet_id)
+
+
+def test_accepts_are_deferred_to_the_batch_verdict_only_while_nothing_is_held(shell):
+    queue = FakeQueue()
+    handle = shell._handler(True, False, queue)
+    shell.set_skin("vm", CompiledSkin(name="plain"), 1)
+    first = NumberedPacket(1, indev=7)
+    handle(first)
+    assert queue.later == [1] and first.verdict is None  # accepted by the batch, not one by one
+    # Once anything is held, a batch up to a later id would release it early: one by one.
+    shell.engine.held.append((0, 0, None))
+    second = NumberedPacket(2, indev=7)
+    handle(second)
+    assert queue.later == [1] and second.verdict == "accept"
+    shell.engine.held.clear()
+    off = Shell(fail_open=True, batch_verdicts=False)
+    off.add_vm("vm", "tap-a", 7700, 7701)
+    off.set_indexes({"tap-a": 7})
+    third = NumberedPacket(3, indev=7)
+    off._handler(True, False, queue)(third)
+    assert queue.later == [1] and third.verdict == "accept"
+    off.injector.close()
+
+
+def test_the_batch_verdict_message_accepts_up_to_an_id():
+    from interceptor.nfqueue import batch_verdict_message
+
+    message = batch_verdict_message(7702, 0x01020304)
+    length, kind, flags = struct.unpack_from("=IHH", message)
+    assert (length, kind, flags) == (len(message), (3 << 8) | 3, 1)  # NFNL_SUBSYS_QUEUE, VERDICT_BATCH, REQUEST
+    assert struct.unpack_from("!H", message, 18)[0] == 7702  # nfgenmsg res_id, big-endian
+    assert struct.unpack_from("=HH", message, 20) == (12, 2)  # NFQA_VERDICT_HDR
+    assert struct.unpack_from("!II", message, 24) == (1, 0x01020304)  # NF_ACCEPT, up to this id
