@@ -439,5 +439,4 @@ def test_schemathesis_finds_no_server_error(lab, tmp_path):
     assert not [key for key in seen if key[2] >= 500]
     assert seen[("POST", "vms", 200)] > 0  # some applies, rollbacks or reverts got through
     assert "0 generated" not in run.stdout
-    print(f"schemathesis took {elapsed:.1f}s")
-    assert elapsed < 60
+    print(f"schemathesis took {elapsed:.1f}s")  # a figure, not a check: CI machines are noisy
