@@ -169,6 +169,7 @@ def set_queue_flags(fd: int, queue: int, flags: int) -> None:
     header = struct.pack(
         "=IHHII", 16 + len(body), (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_CONFIG, _NLM_F_REQUEST | _NLM_F_ACK, seq, 0
     )
+    blocking = os.get_blocking(fd)  # the timeout below sets O_NONBLOCK on the shared description
     sock = socket.socket(fileno=os.dup(fd))
     try:
         sock.settimeout(2.0)
@@ -183,3 +184,4 @@ def set_queue_flags(fd: int, queue: int, flags: int) -> None:
                 return
     finally:
         sock.close()  # closes only our duplicate of the queue's fd
+        os.set_blocking(fd, blocking)

@@ -156,3 +156,22 @@ def test_the_batch_verdict_message_accepts_up_to_an_id():
     assert struct.unpack_from("!H", message, 18)[0] == 7702  # nfgenmsg res_id, big-endian
     assert struct.unpack_from("=HH", message, 20) == (12, 2)  # NFQA_VERDICT_HDR
     assert struct.unpack_from("!II", message, 24) == (1, 0x01020304)  # NF_ACCEPT, up to this id
+
+
+def test_setting_queue_flags_leaves_the_queue_fd_blocking_as_it_was():
+    """The flag request's timeout sets O_NONBLOCK on the description the queue's fd shares: left
+    there, a blocking ``run()`` returned at once (EAGAIN) and the bare loop served nothing."""
+    import os
+    import socket
+
+    from interceptor.nfqueue import set_queue_flags
+
+    # A routing netlink socket: the kernel answers the queue request with an error, changing nothing.
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        assert os.get_blocking(sock.fileno())
+        with pytest.raises(OSError):
+            set_queue_flags(sock.fileno(), 7702, 4)
+        assert os.get_blocking(sock.fileno())
+    finally:
+        sock.close()
