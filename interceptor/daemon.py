@@ -81,6 +81,11 @@ class Daemon:
         self.libvirt_vms: dict[str, LibvirtVm] = {}
         self.libvirt_source: LibvirtSource | None = None
         self._rules_lock = trio.Lock()  # one iptables-save → iptables-restore at a time
+        # Moves between the queue pairs (``_steer``): asked so far, and taken along by a finished
+        # rules transaction; one transaction at a time serves every move asked before it started.
+        self._steering_lock = trio.Lock()
+        self._steering_asked = 0
+        self._steering_done = 0
         self.assignments: dict[str, Assignment] = {}
         self.previous: dict[str, Assignment] = {}  # vm → what was in force before its generation
         self.profile_dirs = profile_dirs(config.rules_dir)
@@ -605,14 +610,26 @@ class Daemon:
 
     async def _steer(self, vm: str, queues: tuple[int, int]) -> None:
         """Move ``vm``'s packets to ``queues`` (one rules transaction). Both pairs are served by
-        this engine, so packets already queued on the old ones are still handled: no gap."""
+        this engine, so packets already queued on the old ones are still handled: no gap.
+
+        The transaction rewrites every VM's steering (its cost grows with the VM count), so
+        moves asked together (a fleet applying to many VMs at once) share one: a move waits for
+        the transaction in progress and returns at once if the next one took it along."""
         before = self.shell.queues[vm]
         self.shell.set_queues(vm, *queues)
-        try:
-            await self._install_rules()
-        except rules.RulesError as exc:
-            self.shell.set_queues(vm, *before)
-            log.error("vm %s: not moved to queues %d/%d (%s); it stays on %d/%d", vm, *queues, exc, *before)
+        self._steering_asked += 1
+        asked = self._steering_asked
+        async with self._steering_lock:
+            if self._steering_done >= asked:
+                return
+            covered = self._steering_asked  # every move so far is in the queues read below
+            try:
+                await self._install_rules()
+            except rules.RulesError as exc:
+                self.shell.set_queues(vm, *before)
+                log.error("vm %s: not moved to queues %d/%d (%s); it stays on %d/%d", vm, *queues, exc, *before)
+                return
+            self._steering_done = covered
 
     async def _enforce(self, vm: str, assignment: Assignment, compiled: CompiledSkin) -> None:
         """Persist, then swap: a crash in between re-applies the persisted state on restart.

@@ -175,3 +175,65 @@ def test_setting_queue_flags_leaves_the_queue_fd_blocking_as_it_was():
         assert os.get_blocking(sock.fileno())
     finally:
         sock.close()
+
+
+# --- moves between the queue pairs --------------------------------------------------------------
+
+
+class _Steering:
+    """Just what ``Daemon._steer`` reads: the shell's queues, the counters, and a transaction."""
+
+    def __init__(self, vms: int, fail: bool = False) -> None:
+        import trio
+
+        self.shell = Shell(fail_open=True)
+        for i in range(vms):
+            self.shell.add_vm(f"vm{i}", f"tap{i}", 7700, 7701)
+        self._steering_lock = trio.Lock()
+        self._steering_asked = self._steering_done = 0
+        self.installed: list[dict] = []
+        self.fail = fail
+
+    async def _install_rules(self) -> None:
+        import trio
+
+        from interceptor import rules
+
+        snapshot = dict(self.shell.queues)
+        await trio.sleep(0.01)  # the transaction takes a while; other moves are asked meanwhile
+        if self.fail:
+            raise rules.RulesError("iptables-restore: exit 1")
+        self.installed.append(snapshot)
+
+
+def test_moves_asked_together_share_transactions_and_each_is_installed():
+    import trio
+
+    from interceptor.daemon import Daemon
+
+    state = _Steering(50)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Daemon._steer, state, "vm0", (7702, 7703))
+            await trio.sleep(0.002)  # its transaction is under way
+            for i in range(1, 50):
+                nursery.start_soon(Daemon._steer, state, f"vm{i}", (7702, 7703))
+
+    trio.run(main)
+    # Fifty moves, two transactions: the first alone, the 49 asked during it in the next one.
+    assert len(state.installed) == 2
+    assert state.installed[0]["vm0"] == (7702, 7703) and state.installed[0]["vm1"] == (7700, 7701)
+    assert all(queues == (7702, 7703) for queues in state.installed[1].values())
+    state.shell.injector.close()
+
+
+def test_a_move_whose_transaction_fails_stays_where_it_was():
+    import trio
+
+    from interceptor.daemon import Daemon
+
+    state = _Steering(1, fail=True)
+    trio.run(Daemon._steer, state, "vm0", (7702, 7703))
+    assert state.shell.queues["vm0"] == (7700, 7701) and state.installed == []
+    state.shell.injector.close()
