@@ -196,6 +196,22 @@ def test_a_refused_apply_leaves_active_and_shadow_as_they_were(lab):
             "first", "second")
 
 
+def test_apply_refuses_a_vm_whose_interface_does_not_exist(lab):
+    """No rule could see the traffic of a VM whose device is missing (a typo, a VM not started):
+    exit 3 with the reason, and nothing is assigned."""
+    config = lab.config_path.with_name("ghost.toml")
+    config.write_text(lab.config_path.read_text() + '\n[vms.ghost]\ninterface = "nskghost0"\naddress = "10.77.99.2"\n')
+    write_skin(lab, "ghostly", latency_ms=50)
+    with DaemonProcess(config):
+        refused = netskin(config, "apply", "ghost", "ghostly")
+        print(refused.stderr)
+        assert refused.returncode == 3
+        assert "interface nskghost0 does not exist" in refused.stderr and "nothing changed" in refused.stderr
+        status = json.loads(netskin(config, "status", "ghost", "--json").stdout)["vms"]["ghost"]
+        assert (status["active"], status["shadow"], status["generation"]) == (None, None, 0)
+        assert netskin(config, "apply", "vm1", "ghostly").returncode == 0  # the others are unaffected
+
+
 def test_top_json_is_one_line_per_refresh_with_live_rates(lab):
     with DaemonProcess(lab.config_path):
         pinger = lab.popen("vm1", ["ping", "-i", "0.01", "-c", "300", lab.inet_address], stdout=subprocess.DEVNULL)
