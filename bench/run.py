@@ -282,6 +282,7 @@ class Results:
     timeline: dict = field(default_factory=dict)
     vms: dict = field(default_factory=dict)
     tcp: dict = field(default_factory=dict)
+    conditions: dict = field(default_factory=dict)
     summary: list = field(default_factory=list)
     summary_markdown: str = ""
     notes: list = field(default_factory=list)
@@ -360,12 +361,21 @@ def measure(h: Harness, plan: Plan, results: Results) -> None:
     step("jitter: one-way delay p10/p50/p90 of delay 20 ± 10 ms, uniform uplink and normal downlink, "
          f"at {', '.join(map(str, jitter.RATES_PPS))} pkt/s (fresh daemon)")
     results.jitter = jitter.measure(h, plan.quick)
+    measure_conditions_rows(h, plan, results)
     if plan.pause:
         measure_pause_row(h, plan.pause, results)
     if plan.trace:
         measure_trace_row(h, plan.trace, results)
     measure_timeline_rows(h, plan, results)
     results.tcp = tcp.measure(h, plan.tcp, step)
+
+
+def measure_conditions_rows(h: Harness, plan: Plan, results: Results) -> None:
+    from bench import conditions
+
+    step("asked versus measured: status → conditions against a one-way probe (uplink delay 20 ms and "
+         "10 % loss, downlink 4 Mbit/s offered 8.3; fresh daemon)")
+    results.conditions = conditions.measure(h, plan.quick)
 
 
 def measure_timeline_rows(h: Harness, plan: Plan, results: Results) -> None:
@@ -639,11 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rates (about 2 minutes)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the lab's logs and configs")
-    parser.add_argument("--only", choices=["pause", "trace", "vms", "tcp", "fleet"],
+    parser.add_argument("--only", choices=["pause", "trace", "vms", "tcp", "conditions", "fleet"],
                         help="run only this row: pause = the data path's longest pause under skin churn, "
                              "trace = throughput per second through the shipped traces, "
                              "vms = CPU per packet with 1, 100 and 500 configured VMs, "
                              "tcp = TCP goodput through no queue, the bare loop and the daemon, "
+                             "conditions = status's measured delay, loss and rate against an outside probe, "
                              "fleet = the fleet lab's apply rows (python -m bench.fleet, its defaults)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="--only vms: rounds over the VM counts (default 3, quick 2)")
@@ -676,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                 measure_trace_row(harness, plan.trace, results)
             elif args.only == "tcp":
                 results.tcp = tcp.measure(harness, plan.tcp, step)
+            elif args.only == "conditions":
+                measure_conditions_rows(harness, plan, results)
             elif args.only == "vms":
                 from bench import vms
 
@@ -697,6 +710,10 @@ def main(argv: list[str] | None = None) -> int:
         summarize(results, plan)
     if results.jitter:
         results.summary.extend(jitter.rows(results.jitter))
+    if results.conditions:
+        from bench import conditions
+
+        results.summary.extend(conditions.rows(results.conditions))
     if results.pause:
         summarize_pause(results)
     if results.trace:

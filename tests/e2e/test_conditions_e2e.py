@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from manager.process import DaemonProcess
-from tests.e2e import oneway
+from bench import oneway
 from tests.e2e.test_manager_e2e import netskin, write_skin
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ import pytest
 from bench.stats import binomial_interval
 
 from manager import measure
-from tests.e2e import oneway
+from bench import oneway
 from manager.process import DaemonProcess
 
 pytestmark = pytest.mark.e2e

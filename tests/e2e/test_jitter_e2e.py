@@ -16,7 +16,7 @@ import pytest
 
 from bench.stats import percentile
 from manager.process import DaemonProcess
-from tests.e2e import oneway
+from bench import oneway
 
 pytestmark = pytest.mark.e2e
 
