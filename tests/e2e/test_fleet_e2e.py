@@ -68,6 +68,14 @@ def rtt_ms(lab, vm: str = "vm1") -> float:
 
 
 @pytest.fixture
+def lab(request):
+    """Three VMs: two assignments change while the agent is dead, the third is the control."""
+    from tests.conftest import _build_lab
+
+    return _build_lab(request, vms=3)
+
+
+@pytest.fixture
 def etcd(lab):
     reason = etcd_skip_reason()
     if reason:
@@ -90,7 +98,8 @@ def test_agent_converges_resyncs_and_fails_static(lab, etcd):
         # A desired skin is enforced, reported, and its conditions and the host's liveness appear.
         rev1 = client.want("vm1", "fleet-slow", 1, latency_ms=200)
         rev2 = client.want("vm2", "fleet-steady", 1, latency_ms=20)
-        for vm, rev in (("vm1", rev1), ("vm2", rev2)):
+        rev3 = client.want("vm3", "fleet-steady", 1, latency_ms=20)
+        for vm, rev in (("vm1", rev1), ("vm2", rev2), ("vm3", rev3)):
             wait_for(f"{vm} enforced at revision {rev}",
                      lambda: (st := client.status(vm)) and st.applied_rev == rev and st.state == "enforced",
                      log=agent.log)
@@ -103,17 +112,22 @@ def test_agent_converges_resyncs_and_fails_static(lab, etcd):
         alive = fleet.Alive.decode(client.get(fleet.alive_key(HOST)).value)
         assert alive.host == HOST and alive.in_sync
 
-        # kill -9: the alive key goes with the lease; a change made meanwhile lands on restart,
+        # kill -9: the alive key goes with the lease; two changes made meanwhile land on restart,
         # and vm2, whose desired key did not change, is not applied again.
         vm2_generation = daemon.status("vm2")["vm2"]["generation"]
         agent.kill()
         wait_for("the alive key gone after its lease", lambda: client.get(fleet.alive_key(HOST)) is None,
                  timeout=LEASE_TTL_S + 5)
         rev1 = client.want("vm1", "fleet-slower", 2, latency_ms=300)
+        rev3 = client.want("vm3", "fleet-slow", 2, latency_ms=200)
         agent.start()
         wait_for("vm1 converged after the restart",
                  lambda: (st := client.status("vm1")) and st.applied_rev == rev1 and st.skin == "fleet-slower",
                  log=agent.log)
+        wait_for("vm3 converged after the restart",
+                 lambda: (st := client.status("vm3")) and st.applied_rev == rev3 and st.skin == "fleet-slow",
+                 log=agent.log)
+        assert daemon.status("vm3")["vm3"]["active"] == "fleet-slow"
         assert daemon.status("vm2")["vm2"]["generation"] == vm2_generation
         assert client.status("vm2").applied_rev == rev2
         assert rtt_ms(lab) > base + 250
