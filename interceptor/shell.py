@@ -26,7 +26,7 @@ from interceptor.engine import ACCEPT, DROP_ERROR, Drop
 from interceptor.engine.classify import Classifier, destination_of
 from interceptor.engine.path import HELD, Engine, Rewrite, SendIcmp, VmPath
 from interceptor.inject import Injector
-from interceptor.nfqueue import Queue, real_length
+from interceptor.nfqueue import SEGMENT_COPY_BYTES, Queue, real_length
 from interceptor.timer import TimerFd
 
 log = logging.getLogger("netskin.shell")
@@ -149,6 +149,7 @@ class Shell:
         faults = self.faults
         fault_injection = self.fault_injection
         later = queue.accept_later if queue is not None and self.batch_verdicts and no_link else None
+        full_copy = SEGMENT_COPY_BYTES
 
         def verdict_of(packet, verdict) -> None:
             if verdict is ACCEPT:
@@ -182,9 +183,14 @@ class Shell:
                         if verdict.__class__ is Rewrite and size > len(data):
                             verdict = verdict.then  # a super-packet is never rewritten
                     else:
-                        verdict = path.on_uplink(packet, packet.get_payload_len(),
+                        size = packet.get_payload_len()
+                        if size >= full_copy:  # a jumbo segment: copied only in part, weighed whole
+                            size = real_length(packet.get_payload())
+                        verdict = path.on_uplink(packet, size,
                                                  packet.get_payload() if path.needs_payload_up else None,
                                                  monotonic_ns(), rand)
+                        if size > full_copy and verdict.__class__ is Rewrite:
+                            verdict = verdict.then  # never rewrite what was copied in part
                     if verdict is ACCEPT:  # the common case
                         if later is not None and not held:
                             later(packet.id)
@@ -215,9 +221,14 @@ class Shell:
                         if verdict.__class__ is Rewrite and size > len(data):
                             verdict = verdict.then
                     else:
-                        verdict = path.on_downlink(packet, packet.get_payload_len(),
+                        size = packet.get_payload_len()
+                        if size >= full_copy:  # a jumbo segment: copied only in part, weighed whole
+                            size = real_length(packet.get_payload())
+                        verdict = path.on_downlink(packet, size,
                                                    packet.get_payload() if path.needs_payload_down else None,
                                                    monotonic_ns(), rand)
+                        if size > full_copy and verdict.__class__ is Rewrite:
+                            verdict = verdict.then  # never rewrite what was copied in part
                     if verdict is ACCEPT:
                         if later is not None and not held:
                             later(packet.id)

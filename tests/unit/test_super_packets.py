@@ -237,3 +237,19 @@ def test_a_move_whose_transaction_fails_stays_where_it_was():
     trio.run(Daemon._steer, state, "vm0", (7702, 7703))
     assert state.shell.queues["vm0"] == (7700, 7701) and state.installed == []
     state.shell.injector.close()
+
+
+def test_a_jumbo_segment_is_weighed_by_its_header_and_never_rewritten(shell):
+    from interceptor.nfqueue import SEGMENT_COPY_BYTES
+
+    shell.set_skin("vm", CompiledSkin(name="plain"), 1)
+    shell._handler(True)(FakePacket(indev=7, payload=ipv4(9000, SEGMENT_COPY_BYTES)))
+    assert shell.paths["vm"].uplink.snapshot()["bytes"] == 9000
+    rewriting = _Rewriting()
+    shell.classifier.by_index[7] = rewriting
+    handle = shell._handler(True)
+    handle(cut := RecordingPacket(indev=7, payload=ipv4(9000, SEGMENT_COPY_BYTES)))
+    handle(whole := RecordingPacket(indev=7, payload=ipv4(1500, 1500)))
+    assert rewriting.sizes == [9000, 1500]
+    assert cut.verdict == "accept" and cut.payload == ipv4(9000, SEGMENT_COPY_BYTES)
+    assert whole.payload == b"rewritten"
