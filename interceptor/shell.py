@@ -6,8 +6,8 @@ kernel reports with it (``interceptor.engine.classify``: a dict lookup, whatever
 VMs), a timerfd armed for the engine's next due time, netfilterqueue verdicts, payload rewrites
 and the raw sockets that send ICMP errors. A second queue pair, bound with the kernel's GSO flag,
 carries the directions whose skin makes no per-packet decision: there a packet may be a
-super-packet of up to 64 KiB, weighed by the size in its IP header and never rewritten. A packet whose handling raises is verdicted by
-``fail_mode`` and counted; the daemon keeps serving. So is a packet of a device the shell does
+super-packet of up to 64 KiB, weighed by the size in its IP header and never rewritten. A
+packet whose handling raises is verdicted by ``fail_mode`` and counted; the daemon keeps serving. So is a packet of a device the shell does
 not know (counted as ``unclassified``): the owner then reads the interface indexes again
 (``indexes_wanted``), since a recreated tap comes back with a new index.
 """
@@ -175,22 +175,17 @@ class Shell:
                 try:
                     if fault_injection and faults.get(path.name):
                         _inject_fault(faults, path.name)
-                    if gso:
+                    size = packet.get_payload_len()
+                    if gso or size >= full_copy:  # maybe copied in part: weighed by its IP header
                         data = packet.get_payload()
                         size = real_length(data)
                         verdict = path.on_uplink(packet, size, data if path.needs_payload_up else None,
                                                  monotonic_ns(), rand)
-                        if verdict.__class__ is Rewrite and size > len(data):
-                            verdict = verdict.then  # a super-packet is never rewritten
-                    else:
-                        size = packet.get_payload_len()
-                        if size >= full_copy:  # a jumbo segment: copied only in part, weighed whole
-                            size = real_length(packet.get_payload())
-                        verdict = path.on_uplink(packet, size,
-                                                 packet.get_payload() if path.needs_payload_up else None,
-                                                 monotonic_ns(), rand)
-                        if size > full_copy and verdict.__class__ is Rewrite:
+                        if size > len(data) and verdict.__class__ is Rewrite:
                             verdict = verdict.then  # never rewrite what was copied in part
+                    else:
+                        verdict = path.on_uplink(packet, size, packet.get_payload() if path.needs_payload_up else None,
+                                                 monotonic_ns(), rand)
                     if verdict is ACCEPT:  # the common case
                         if later is not None and not held:
                             later(packet.id)
@@ -213,22 +208,18 @@ class Shell:
                 try:
                     if fault_injection and faults.get(path.name):
                         _inject_fault(faults, path.name)
-                    if gso:
+                    size = packet.get_payload_len()
+                    if gso or size >= full_copy:  # maybe copied in part: weighed by its IP header
                         data = packet.get_payload()
                         size = real_length(data)
                         verdict = path.on_downlink(packet, size, data if path.needs_payload_down else None,
                                                    monotonic_ns(), rand)
-                        if verdict.__class__ is Rewrite and size > len(data):
-                            verdict = verdict.then
+                        if size > len(data) and verdict.__class__ is Rewrite:
+                            verdict = verdict.then  # never rewrite what was copied in part
                     else:
-                        size = packet.get_payload_len()
-                        if size >= full_copy:  # a jumbo segment: copied only in part, weighed whole
-                            size = real_length(packet.get_payload())
                         verdict = path.on_downlink(packet, size,
                                                    packet.get_payload() if path.needs_payload_down else None,
                                                    monotonic_ns(), rand)
-                        if size > full_copy and verdict.__class__ is Rewrite:
-                            verdict = verdict.then  # never rewrite what was copied in part
                     if verdict is ACCEPT:
                         if later is not None and not held:
                             later(packet.id)

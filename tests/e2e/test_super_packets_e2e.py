@@ -42,26 +42,28 @@ def uplink_bytes_per_packet(lab, transfer) -> tuple[float, float, dict[int, int]
     return bps, (after["bytes"] - before["bytes"]) / max(1, packets), per_queue
 
 
+def apply_and_stream(lab, skin: str, takes: bool) -> tuple[float, dict[int, int]]:
+    """Apply ``skin``, check where it steers vm1, then one TCP stream up: (bytes per uplink queue
+    packet, packets per queue)."""
+    assert netskin(lab.config_path, "apply", "vm1", skin).returncode == 0
+    st = status(lab)
+    assert st["super_packets"] == {"uplink": takes, "downlink": takes}
+    assert st["queues"] == (SUPER if takes else SEGMENTS)
+    bps, per_packet, per_queue = uplink_bytes_per_packet(lab, lambda: measure.iperf3(lab, "vm1", seconds=3))
+    print(f"{skin}: {bps / 1e6:.0f} Mbit/s, {per_packet:.0f} uplink bytes per packet, queues {per_queue}")
+    return per_packet, per_queue
+
+
 def test_a_skin_without_per_packet_decisions_takes_super_packets_and_one_with_loss_takes_segments(lab):
     write_skin(lab, "delay", latency_ms=2)
     write_skin(lab, "lossy", latency_ms=2, packet_loss_percent=0.2)
     with DaemonProcess(lab.config_path):
-        assert netskin(lab.config_path, "apply", "vm1", "delay").returncode == 0
-        st = status(lab)
-        assert st["super_packets"] == {"uplink": True, "downlink": True}
-        assert st["queues"] == SUPER
-        bps, per_packet, per_queue = uplink_bytes_per_packet(lab, lambda: measure.iperf3(lab, "vm1", seconds=3))
-        print(f"super-packets: {bps / 1e6:.0f} Mbit/s, {per_packet:.0f} uplink bytes per packet, queues {per_queue}")
+        per_packet, per_queue = apply_and_stream(lab, "delay", takes=True)
         # The VM's TCP hands the host GSO packets: the queue sees many segments' worth at a time.
         assert per_packet > 3 * MSS_PACKET
         assert per_queue[SUPER["uplink"]] > 100 and per_queue.get(SEGMENTS["uplink"], 0) < 10
 
-        assert netskin(lab.config_path, "apply", "vm1", "lossy").returncode == 0
-        st = status(lab)
-        assert st["super_packets"] == {"uplink": False, "downlink": False}
-        assert st["queues"] == SEGMENTS
-        bps, per_packet, per_queue = uplink_bytes_per_packet(lab, lambda: measure.iperf3(lab, "vm1", seconds=3))
-        print(f"segments: {bps / 1e6:.0f} Mbit/s, {per_packet:.0f} uplink bytes per packet, queues {per_queue}")
+        per_packet, per_queue = apply_and_stream(lab, "lossy", takes=False)
         assert per_packet <= MSS_PACKET  # every packet a segment: loss is judged per segment
         assert per_queue[SEGMENTS["uplink"]] > 100 and per_queue.get(SUPER["uplink"], 0) < 10
 
