@@ -38,7 +38,7 @@ from interceptor.profiles import load_profile, profile_dirs
 from interceptor.libvirt_source import LibvirtSource, LibvirtVm
 from interceptor.schema import (ConfigError, HostConfig, SkinError, UserError, VmConfig, compile_document,
                                 load_host_config)
-from interceptor.shell import Shell
+from interceptor.shards import Shards
 from interceptor.worker import Worker
 from interceptor.timeline import compile_document_timeline
 
@@ -72,9 +72,13 @@ class Daemon:
         self.config = config
         self.store = AssignmentStore(Path(config.state_dir))
         self.library = SkinLibrary.for_config(config)
-        self.shell = Shell(fail_open=config.fail_mode == "open", host_uplink_kbps=config.host_uplink_kbps,
-                           max_held=config.max_held_packets, batch_verdicts=config.batch_verdicts,
-                           fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
+        # Every engine worker's VMs in one view (interceptor.shards): worker 0 runs in this
+        # process, the others in child processes started at ``prepare``.
+        self.shell = Shards(workers=config.worker_count, queue_numbers=config.queue_numbers, gso=config.gso,
+                            shared_uplink=bool(config.host_uplink_kbps), nice=config.data_path_nice,
+                            fail_open=config.fail_mode == "open", host_uplink_kbps=config.host_uplink_kbps,
+                            max_held=config.max_held_packets, batch_verdicts=config.batch_verdicts,
+                            fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
         # The VMs the daemon steers: the host config's [vms.*], and the libvirt VMs of running
         # domains as they come and go (interceptor.vmset; ``libvirt_vms`` holds their entries).
         self.vms: dict[str, VmConfig] = dict(config.vms)
@@ -117,7 +121,6 @@ class Daemon:
     def prepare(self) -> None:
         """Compile every VM's skin, bind its queues and bring its identity in line."""
         self._library_stamp = self.library.stamp()
-        up, down = self.config.queue_numbers(0)  # one engine: all VMs share the first queue pairs
         for name, vm in self.vms.items():
             assignment = self.store.load(name)
             if assignment is None:
@@ -137,7 +140,9 @@ class Daemon:
                 log.error("vm %s: skin %r cannot be compiled (%s); running it without a skin", name,
                           assignment.active.name if assignment.active else None, "; ".join(exc.lines))
                 compiled = NO_SKIN
-            self.shell.add_vm(name, vm.interface, *self._queues_for(compiled), addresses=_addresses(vm))
+            worker = self.shell.place(name)
+            self.shell.add_vm(name, vm.interface, *self._queues_for(compiled, worker), addresses=_addresses(vm),
+                              worker=worker)
             if self._stamp_timeline(assignment, compiled):
                 self.store.save(assignment)
             self.shell.paths[name].set_skin(compiled, assignment.generation,
@@ -145,12 +150,12 @@ class Daemon:
             self._capture_original(name)
             self._pick_dns_targets(name)
             self._apply_identity(name, reconcile.reconcile(self._identity_job(name)))
-            log.info("vm %s: queues %d/%d, skin %r generation %d", name, *self.shell.queues[name],
-                     compiled.name, assignment.generation)
+            log.info("vm %s: worker %d, queues %d/%d, skin %r generation %d", name, worker,
+                     *self.shell.queues[name], compiled.name, assignment.generation)
         # The kernel's queue length is fixed at bind: leave room for the VMs libvirt will bring.
-        self.shell.bind(up, down, vms=len(self.vms) + (LIBVIRT_QUEUE_ROOM_VMS if self.config.libvirt else 0),
-                        gso_pair=self.config.queue_numbers(0, gso=True) if self.config.gso else None)
+        # Each worker process gets its VMs' skins before it binds its queues.
         self.shell.set_indexes(_interface_indexes())
+        self.shell.bind(vms=len(self.vms) + (LIBVIRT_QUEUE_ROOM_VMS if self.config.libvirt else 0))
 
     def _copy(self, name: str) -> SkinCopy:
         """A copy of the library's valid skin ``name`` (``UserError`` if unknown or invalid)."""
@@ -395,6 +400,7 @@ class Daemon:
         generation starts a new window, so figures never mix two skins."""
         while True:
             await trio.sleep(1.0)
+            await self.shell.refresh()
             now = time.monotonic_ns()
             for vm, path in list(self.shell.paths.items()):  # VMs may come and go in between
                 if vm not in self.shell.paths:
@@ -510,7 +516,9 @@ class Daemon:
         self.libvirt_vms[name] = vm
         self.assignments[name] = assignment
         self._locks.setdefault(name, trio.Lock())
-        path = self.shell.add_vm(name, config.interface, *self._queues_for(compiled), addresses=_addresses(config))
+        worker = self.shell.place(name)
+        path = self.shell.add_vm(name, config.interface, *self._queues_for(compiled, worker),
+                                 addresses=_addresses(config), worker=worker)
         path.set_skin(compiled, assignment.generation, clock)
         self._pick_dns_targets(name)
         self.shell.set_indexes(await trio.to_thread.run_sync(_interface_indexes))
@@ -594,10 +602,10 @@ class Daemon:
         raise control.ControlError(
             f"unknown VM '{vm}' (configured VMs: {known}); add it under [vms.{vm}] in the host config")
 
-    def _queues_for(self, compiled: CompiledSkin) -> tuple[int, int]:
-        """The (uplink, downlink) queues a VM wearing ``compiled`` is steered to: per direction,
-        the GSO pair if nothing in the skin decides per packet, else the per-segment pair."""
-        segments = self.config.queue_numbers(0)
+    def _queues_for(self, compiled: CompiledSkin, worker: int) -> tuple[int, int]:
+        """The (uplink, downlink) queues of ``worker`` a VM wearing ``compiled`` is steered to: per
+        direction, the GSO pair if nothing in the skin decides per packet, else the per-segment pair."""
+        segments = self.config.queue_numbers(worker)
         if not self.config.gso:
             return segments
         up_ok, down_ok = compiled.takes_super_packets()
@@ -605,7 +613,7 @@ class Daemon:
         host_kbps = self.config.host_uplink_kbps
         if host_kbps and SUPER_PACKET_BYTES * SUPER_PACKETS_QUEUED * 8e6 / host_kbps > self.shell.uplink_queue_limit_ns:
             up_ok = False
-        gso = self.config.queue_numbers(0, gso=True)
+        gso = self.config.queue_numbers(worker, gso=True)
         return (gso.uplink if up_ok else segments.uplink, gso.downlink if down_ok else segments.downlink)
 
     async def _steer(self, vm: str, queues: tuple[int, int]) -> None:
@@ -639,8 +647,9 @@ class Daemon:
         moves after it, so the new skin never meets a super-packet it must judge per segment."""
         await trio.to_thread.run_sync(self.store.save, assignment)
         path = self.shell.paths[vm]
-        wanted = self._queues_for(compiled)
-        segments = self.config.queue_numbers(0)
+        worker = self.shell.worker_of[vm]
+        wanted = self._queues_for(compiled, worker)
+        segments = self.config.queue_numbers(worker)
         first = tuple(new if new in segments else old for old, new in zip(self.shell.queues[vm], wanted))
         if first != self.shell.queues[vm]:
             await self._steer(vm, first)
@@ -652,6 +661,7 @@ class Daemon:
         self.assignments[vm] = assignment
         clock = await trio.to_thread.run_sync(self._timeline_clock, assignment, compiled)
         self.shell.paths[vm].set_skin(compiled, assignment.generation, clock)
+        await self.shell.settle(vm)  # in force in its worker before it takes super-packets
         if wanted != self.shell.queues[vm]:
             await self._steer(vm, wanted)
         self._pick_dns_targets(vm)
@@ -801,6 +811,7 @@ class Daemon:
             if vm is not None:
                 self._vm(vm)
             await self._refresh_firewall_counters(max_age_s=0.0)  # a status request reads them fresh
+            await self.shell.refresh()  # and every worker's counters
             return {"vms": self.status(vm), "host": self.host_status()}
         if cmd == "reload":
             await self.rescan()
@@ -819,10 +830,11 @@ class Daemon:
         elif cmd == "restore":
             await self.restore(vm, int(request["generation"]))
         elif cmd == "fault" and self.shell.fault_injection:
-            self.shell.faults[vm] = int(request.get("count", 1))
+            self.shell.inject_faults(vm, int(request.get("count", 1)))
         else:
             raise control.ControlError(f"unknown command '{cmd}'")
         await self._refresh_firewall_counters()
+        await self.shell.refresh()
         return {"vms": self.status(vm)}
 
     async def _refresh_firewall_counters(self, max_age_s: float = FIREWALL_COUNTERS_MAX_AGE_S) -> None:
@@ -873,6 +885,7 @@ class Daemon:
             "held_packets": self.shell.held_packets,
             "unclassified_packets": self.shell.unclassified,
             "errors": sum(self.shell.errors.values()),
+            "workers": self.shell.workers_status(),
         }
 
     def _firewall_status(self, vm: str) -> dict:
@@ -892,10 +905,11 @@ class Daemon:
 
     def status(self, vm: str | None = None) -> dict:
         names = [self._vm(vm)] if vm else list(self.shell.paths)
-        gso_queues = self.config.queue_numbers(0, gso=True) if self.config.gso else ()
         out = {}
         for name in names:
             path = self.shell.paths[name]
+            worker = self.shell.worker_of[name]
+            gso_queues = self.config.queue_numbers(worker, gso=True) if self.config.gso else ()
             a = self.assignments[name]
             up, down = self.shell.queues[name]
             conditions, out_of_tolerance = self._conditions(name)
@@ -915,6 +929,7 @@ class Daemon:
                 "dns": dict(path.dns_answers),
                 "icmp_errors_sent": path.icmp_sent,
                 "errors": self.shell.errors.get(name, 0),
+                "worker": worker,
                 "queues": {"uplink": up, "downlink": down},
                 # Whether the direction takes GSO super-packets whole (its packet counts then
                 # count super-packets; its bytes are the real ones).

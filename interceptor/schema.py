@@ -120,7 +120,7 @@ class VmConfig(_Strict):
         return None if value is None else _check_name(value, "skin")
 
 
-WORKERS = 1  # engine workers, each with two queue pairs (see HostConfig.queue_base)
+MAX_WORKERS = 64  # engine workers, each with two queue pairs (see HostConfig.queue_base)
 QUEUES_PER_WORKER = 4  # per-segment uplink and downlink, then the GSO pair
 
 
@@ -181,7 +181,7 @@ class HostConfig(_Strict):
     host_netns: str | None = None
     # NFQUEUE numbers are 16 bit. Each engine worker owns a group of whole VMs and two queue
     # pairs: worker k uses queue_base + 4k (uplink) and + 4k + 1 (downlink) for packets judged one
-    # segment at a time, + 4k + 2 and + 4k + 3 for GSO super-packets. One worker today.
+    # segment at a time, + 4k + 2 and + 4k + 3 for GSO super-packets.
     queue_base: Annotated[int, Field(ge=0, le=65_535, strict=True)] = 7700
     # A VM direction whose skin makes no per-packet decision (no loss, reordering, trace, firewall
     # profile, MTU or DNS rewriting; a rate, if any, with room for a 64 KiB super-packet in its
@@ -191,6 +191,10 @@ class HostConfig(_Strict):
     # Accepts given while the engine holds nothing (pass-through traffic) go to the kernel as one
     # batch verdict per drain of the queue (at most 16) instead of one system call each.
     batch_verdicts: bool = True
+    # Engine workers: each owns whole VMs and serves their queues on its own core (worker 0 in
+    # the daemon's process, the others as its child processes). 0: one per core the daemon may
+    # run on. With a shared host uplink every VM stays in worker 0 (one weighted scheduler).
+    workers: Annotated[int, Field(ge=0, le=MAX_WORKERS, strict=True)] = 0
     rules_dir: Path | None = None  # extra drop-in directory for firewall profiles
     # Packets one VM may have held per direction (delay, rate queue); more are dropped as
     # "overflow", so one VM's flood cannot exhaust memory or fill its kernel queue.
@@ -222,11 +226,11 @@ class HostConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> HostConfig:
-        last_queue = self.queue_base + QUEUES_PER_WORKER * WORKERS - 1
+        last_queue = self.queue_base + QUEUES_PER_WORKER * self.worker_count - 1
         if last_queue > 65_535:
             raise ValueError(
-                f"queue_base: {self.queue_base} leaves no room for the queues "
-                f"(needs queue_base + {QUEUES_PER_WORKER * WORKERS - 1} ≤ 65535)"
+                f"queue_base: {self.queue_base} leaves no room for the queues of {self.worker_count} "
+                f"worker(s) (needs queue_base + {QUEUES_PER_WORKER * self.worker_count - 1} ≤ 65535)"
             )
         seen: dict[tuple[str, str], str] = {}
         for name, vm in self.vms.items():
@@ -238,6 +242,16 @@ class HostConfig(_Strict):
                 seen[key] = name
         return self
 
+    @property
+    def worker_count(self) -> int:
+        """Engine workers in use: ``workers``, or one per core the daemon may run on; one with a
+        shared host uplink."""
+        if self.host_uplink_kbps:
+            return 1
+        if self.workers:
+            return self.workers
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
     def queue_numbers(self, worker: int = 0, gso: bool = False) -> VmQueues:
         """An NFQUEUE pair of engine worker ``worker`` (0-based), shared by the VMs it owns: the
         per-segment pair, or (``gso``) the pair that takes GSO super-packets."""
@@ -245,7 +259,8 @@ class HostConfig(_Strict):
         return VmQueues(first, first + 1)
 
     def vm_queues(self, vm: str) -> VmQueues:
-        """The NFQUEUE numbers carrying this VM's uplink and downlink (its worker's pair)."""
+        """The first worker's per-segment NFQUEUE pair, for a configured VM (its worker is chosen
+        by the running daemon: ``status`` shows its queues)."""
         names = list(self.vms)
         if vm not in names:
             raise ConfigError(f"unknown VM {_show(vm)} (configured: {', '.join(names) or 'none'})")
