@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import jitter, tcp
-from bench.harness import Harness, cpu_seconds
+from bench.harness import Harness, tree_cpu_seconds
 from bench.pause import PausePlan, measure_pause
 from bench.trace import TracePlan, measure_trace
 from bench.stats import binomial_interval, median, percentile
@@ -140,9 +140,9 @@ def measure_cpu(h: Harness, pid: int, plan: Plan, pps: int | None = None) -> dic
     """CPU µs per queued packet of process pid at ``pps`` (default plan.cpu_pps; median of repeats)."""
     runs = []
     for _ in range(plan.cpu_repeats):
-        cpu0, queues0 = cpu_seconds(pid), h.queue_counters()
+        cpu0, queues0 = tree_cpu_seconds(pid), h.queue_counters()
         flood = h.udp_flood(pps or plan.cpu_pps, plan.cpu_seconds)
-        cpu1, queues1 = cpu_seconds(pid), h.queue_counters()
+        cpu1, queues1 = tree_cpu_seconds(pid), h.queue_counters()
         queued = sum(c.queued - queues0[q].queued for q, c in queues1.items() if q in queues0)
         runs.append({"cpu_us_per_packet": 1e6 * (cpu1 - cpu0) / queued if queued else math.nan,
                      "queued": queued, "cpu_s": cpu1 - cpu0, "loss": flood["loss"]})
@@ -283,6 +283,7 @@ class Results:
     vms: dict = field(default_factory=dict)
     tcp: dict = field(default_factory=dict)
     conditions: dict = field(default_factory=dict)
+    workers: dict = field(default_factory=dict)
     summary: list = field(default_factory=list)
     summary_markdown: str = ""
     notes: list = field(default_factory=list)
@@ -649,10 +650,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rates (about 2 minutes)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the lab's logs and configs")
-    parser.add_argument("--only", choices=["pause", "trace", "vms", "tcp", "conditions", "fleet"],
+    parser.add_argument("--only", choices=["pause", "trace", "vms", "tcp", "conditions", "fleet", "workers"],
                         help="run only this row: pause = the data path's longest pause under skin churn, "
                              "trace = throughput per second through the shipped traces, "
                              "vms = CPU per packet with 1, 100 and 500 configured VMs, "
+                             "workers = max rate and CPU with 1 and 2 engine workers (two VMs), "
                              "tcp = TCP goodput through no queue, the bare loop and the daemon, "
                              "conditions = status's measured delay, loss and rate against an outside probe, "
                              "fleet = the fleet lab's apply rows (python -m bench.fleet, its defaults)")
@@ -678,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = True
     step(f"lab {prefix} in {workdir}")
     try:
-        lab = lab_up(prefix, 1, workdir)
+        lab = lab_up(prefix, 2 if args.only == "workers" else 1, workdir)
         harness = Harness(lab, workdir)
         try:
             if args.only == "pause":
@@ -689,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
                 results.tcp = tcp.measure(harness, plan.tcp, step)
             elif args.only == "conditions":
                 measure_conditions_rows(harness, plan, results)
+            elif args.only == "workers":
+                from bench import workers
+
+                results.workers = workers.measure(harness, repeats=1 if plan.quick else 2, step=step)
             elif args.only == "vms":
                 from bench import vms
 
@@ -722,6 +728,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import vms
 
         results.summary.extend(vms.rows(results.vms))
+    if results.workers:
+        from bench import workers
+
+        results.summary.extend(workers.rows(results.workers))
     if results.timeline:
         from bench import timeline
 
@@ -743,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"Note: {note}")
     kind = f"{args.only} row" if args.only else "quick" if plan.quick else "full"
     out.print(f"{kind} run, {results.runtime_s:.0f} s, "
-              f"daemon fail_mode = closed, {'1, 100 and 500 VMs' if args.only == 'vms' else '1 VM'}, "
+              f"daemon fail_mode = closed, {'1, 100 and 500 VMs' if args.only == 'vms' else '2 VMs' if args.only == 'workers' else '1 VM'}, "
               f"{os.cpu_count()} cores")
     if args.json:
         args.json.write_text(json.dumps(asdict(results), indent=2, default=str) + "\n")

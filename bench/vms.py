@@ -22,7 +22,7 @@ import re
 import time
 from pathlib import Path
 
-from bench.harness import Harness, cpu_seconds, machine_cpu_seconds
+from bench.harness import Harness, machine_cpu_seconds, tree_cpu_seconds
 from bench.stats import median
 
 COUNTS = (1, 100, 500)
@@ -58,9 +58,9 @@ def measure_one(h: Harness, count: int, pps: int, seconds: float, profiled: bool
         start_s = time.monotonic() - started
         try:
             h.udp_flood(pps, min(1.0, seconds))  # warm-up: the first packets meet cold caches
-            machine0, cpu0, queues0 = machine_cpu_seconds(), cpu_seconds(daemon.pid), h.queue_counters()
+            machine0, cpu0, queues0 = machine_cpu_seconds(), tree_cpu_seconds(daemon.pid), h.queue_counters()
             flood = h.udp_flood(pps, seconds)
-            machine1, cpu1, queues1 = machine_cpu_seconds(), cpu_seconds(daemon.pid), h.queue_counters()
+            machine1, cpu1, queues1 = machine_cpu_seconds(), tree_cpu_seconds(daemon.pid), h.queue_counters()
             queued = sum(c.queued - queues0[q].queued for q, c in queues1.items() if q in queues0)
             status = h.request("status")
         finally:

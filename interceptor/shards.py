@@ -21,11 +21,13 @@ is one scheduler and its shares must see every VM's packets.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
 import os
 import pickle
+import signal
 import socket
 import struct
 import subprocess
@@ -184,15 +186,15 @@ class RemoteWorker:
         self.room_vms = 0
         self.process: subprocess.Popen | None = None
         self.restarts = 0
-        self.exits: list[str] = []  # why each earlier process ended
+        self.last_exit: str | None = None  # how the last process ended
         self.stopping = False
+        self.alive = False  # serving: between a start and the end of its socket
         self.report: dict = {"held": 0, "unclassified": 0}
         self._sock: socket.socket | None = None
         self._stream: trio.SocketStream | None = None
         self._seq = itertools.count(1)
         self._waiting: dict[int, list] = {}  # seq → [event, ok, value]
         self._outbox_send, self._outbox = trio.open_memory_channel(math.inf)
-        self._changed = trio.Event()
 
     # The whole state a fresh process needs, in order: its VMs and their skins before the bind.
     def _replay(self) -> list[tuple[str, dict]]:
@@ -240,6 +242,7 @@ class RemoteWorker:
         ours.settimeout(None)
         ours.setblocking(False)
         self._sock = ours
+        self.alive = True
         log.info("engine worker %d: pid %d, %d VM(s), queues %d/%d", self.index, self.process.pid,
                  len(self.vm_args), *self.queue_numbers(self.index))
 
@@ -253,6 +256,7 @@ class RemoteWorker:
                 nursery.start_soon(self._write, self._outbox)
                 await self._read()
                 nursery.cancel_scope.cancel()
+            self.alive = False
             await self._stream.aclose()
             for waiter in self._waiting.values():
                 waiter[1:] = [False, "the worker process exited"]
@@ -261,10 +265,10 @@ class RemoteWorker:
             code = await trio.to_thread.run_sync(self.process.wait)
             if self.stopping:
                 return
-            self.exits.append(f"exit status {code}")
+            self.last_exit = f"status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
             failures = failures + 1 if time.monotonic() - started < 10 else 1
-            log.error("engine worker %d (pid %d) exited with status %d; starting it again with its %d VM(s)",
-                      self.index, self.process.pid, code, len(self.vm_args))
+            log.error("engine worker %d (pid %d) ended (%s); starting it again with its %d VM(s)",
+                      self.index, self.process.pid, self.last_exit, len(self.vm_args))
             while True:
                 await trio.sleep(RESTART_BACKOFF_S[min(failures - 1, len(RESTART_BACKOFF_S) - 1)])
                 # What was sent to the dead process is moot: the new one gets the state whole,
@@ -309,6 +313,8 @@ class RemoteWorker:
         return seq
 
     async def call(self, command: str, **args) -> Any:
+        if not self.alive:
+            raise WorkerGone(f"engine worker {self.index} is being started again")
         seq = self.post(command, **args)
         waiter = self._waiting[seq] = [trio.Event(), False, None]
         with trio.move_on_after(CALL_TIMEOUT_S):
@@ -497,10 +503,10 @@ class Shards:
 
     def workers_status(self) -> list[dict]:
         out = [{"worker": 0, "pid": os.getpid(), "vms": sum(1 for w in self.worker_of.values() if w == 0),
-                "restarts": 0}]
+                "restarts": 0, "last_exit": None}]
         for remote in self.remotes:
             out.append({"worker": remote.index, "pid": remote.process.pid if remote.process else None,
-                        "vms": len(remote.paths), "restarts": remote.restarts})
+                        "vms": len(remote.paths), "restarts": remote.restarts, "last_exit": remote.last_exit})
         return out
 
     def release_all(self) -> int:
@@ -539,6 +545,11 @@ def _worker_commands(shell_box: list, nursery: trio.Nursery) -> dict[str, Callab
     def bind(up, down, vms, gso_pair):
         shell = shell_box[0]
         shell.bind(up, down, vms=vms, gso_pair=gso_pair)
+        # As the daemon does for worker 0: what lives for the process's lifetime leaves the
+        # collector's sight, so collections stay short on the hot path.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         nursery.start_soon(shell.run)
         nursery.start_soon(_watch_indexes, shell)
 
@@ -598,6 +609,11 @@ async def _serve(fd: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # A stop (systemd's SIGTERM to the whole unit, Ctrl-C to the process group) is the daemon's
+    # to carry out: it closes this worker's socket after its own clean-up, and the worker then
+    # releases what it holds. A killed daemon's socket ends too.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     trio.run(_serve, int(argv[1]))
     return 0
 

@@ -136,6 +136,18 @@ class StatusCollector:
         yield generation
         yield reload_error
 
+        workers = (self.reply.get("host") or {}).get("workers") or []
+        if workers:
+            restarts = CounterMetricFamily("netskin_worker_restarts",
+                                           "Times an engine worker process was started again after it died.",
+                                           labels=["worker"])
+            owned = GaugeMetricFamily("netskin_worker_vms", "VMs an engine worker owns.", labels=["worker"])
+            for worker in workers:
+                restarts.add_metric([str(worker["worker"])], worker["restarts"])
+                owned.add_metric([str(worker["worker"])], worker["vms"])
+            yield restarts
+            yield owned
+
 
 def registry(reply: dict | None) -> CollectorRegistry:
     fresh = CollectorRegistry(auto_describe=False)

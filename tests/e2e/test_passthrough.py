@@ -78,11 +78,13 @@ def test_ipv6_passes_through_too(lab):
 
 def test_sigterm_restores_the_ruleset_exactly(lab, foreign_rules):
     daemon = DaemonProcess(lab.config_path).start()
-    # Four trees (device and bridge port, each way) of the VMs, and the routed-onto-a-bridge set
-    # rule of the downlink queue in use: the GSO pair's (VMs without a skin decide nothing per
-    # packet).
-    assert len([r for r in our_rules(lab) if "NFQUEUE" in r]) == 4 * len(lab.vms) + 1
-    assert set(our_sets(lab)) == {"netskin-7703-v4", "netskin-7703-v6"}
+    # Four trees (device and bridge port, each way) of the VMs, and a routed-onto-a-bridge set
+    # rule per downlink queue in use: each worker's GSO pair's (VMs without a skin decide nothing
+    # per packet; worker k's pair is 7702 + 4k / 7703 + 4k).
+    downlinks = {vm["queues"]["downlink"] for vm in daemon.status().values()}
+    assert downlinks <= {7703 + 4 * k for k in range(len(lab.vms))}
+    assert len([r for r in our_rules(lab) if "NFQUEUE" in r]) == 4 * len(lab.vms) + len(downlinks)
+    assert set(our_sets(lab)) == {f"netskin-{queue}-v{version}" for queue in downlinks for version in (4, 6)}
     assert daemon.stop(signal.SIGTERM) == 0
     assert ruleset(lab) == foreign_rules
     assert our_sets(lab) == []  # destroyed after the rules that used them

@@ -80,6 +80,7 @@ def test_a_killed_worker_is_started_again_with_its_vms_skin(lab, fail_mode):
                                        if w["restarts"] == 1 and w["pid"] != before["pid"]), None),
                          what="worker 1 started again")
         print(f"worker 1: pid {before['pid']} killed, pid {after['pid']} serving")
+        assert after["last_exit"] == "signal SIGKILL"
         # Every packet after the restart meets the skin: none is faster than the delay.
         samples = rtts(lab, "vm2", count=20)
         assert min(samples) >= DELAY_MS, samples
@@ -88,7 +89,7 @@ def test_a_killed_worker_is_started_again_with_its_vms_skin(lab, fail_mode):
         assert st["vms"]["vm2"]["worker"] == 1
         assert daemon.proc.poll() is None  # the daemon itself never stopped
         assert max(rtts(lab, "vm1")) < DELAY_MS
-        assert "engine worker 1" in daemon.log() and "starting it again" in daemon.log()
+        assert "engine worker 1" in daemon.log() and "ended (signal SIGKILL); starting it again" in daemon.log()
 
 
 def test_a_stopped_daemon_leaves_no_worker_process(lab):

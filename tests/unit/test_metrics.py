@@ -110,3 +110,14 @@ def test_each_scrape_starts_fresh():
     only_vm2 = {"vms": {"vm2": SAMPLE["vms"]["vm2"]}, "host": SAMPLE["host"]}
     got = samples(only_vm2)
     assert not [k for k in got if ("vm", "vm1") in k[1]]
+
+
+def test_engine_workers_show_their_vms_and_restarts():
+    reply = {**SAMPLE, "host": {**SAMPLE["host"], "workers": [
+        {"worker": 0, "pid": 10, "vms": 1, "restarts": 0, "last_exit": None},
+        {"worker": 1, "pid": 11, "vms": 1, "restarts": 2, "last_exit": "signal SIGKILL"}]}}
+    got = samples(reply)
+    assert got[key("netskin_worker_restarts_total", worker="1")] == 2
+    assert got[key("netskin_worker_restarts_total", worker="0")] == 0
+    assert got[key("netskin_worker_vms", worker="1")] == 1
+    assert not [k for k in samples(SAMPLE) if k[0].startswith("netskin_worker")]  # an older daemon

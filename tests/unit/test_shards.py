@@ -1,0 +1,122 @@
+"""Engine workers without the kernel: what crosses to a worker process survives the trip, VMs are
+spread over the workers, a shared uplink keeps every VM in one, and the host config's key."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from interceptor.engine.timeline import StepClock
+from interceptor.library import SkinLibrary
+from interceptor.profiles import load_profile, profile_dirs
+from interceptor.schema import ConfigError, HostConfig, compile_document
+from interceptor.shards import Shards, _encode, _receive_blocking
+from interceptor.timeline import compile_document_timeline
+
+
+def compiled_presets():
+    library = SkinLibrary(Path("/nonexistent"))
+    for entry in library.entries():
+        assert not entry.errors, entry.errors
+        skin = compile_document(entry.document, entry.name, str(entry.path))
+        if skin.security_profile:
+            skin = replace(skin, firewall=load_profile(skin.security_profile, profile_dirs(None)))
+        timeline = compile_document_timeline(entry.document, entry.name, skin, str(entry.path))
+        yield replace(skin, timeline=timeline) if timeline else skin
+
+
+def test_every_preset_crosses_to_a_worker_whole():
+    """A worker gets compiled skins (with DNS rules, firewall profiles and timelines) as pickles."""
+    skins = list(compiled_presets())
+    assert len(skins) >= 20
+    assert any(s.dns for s in skins) and any(s.firewall for s in skins) and any(s.timeline for s in skins)
+    for skin in skins:
+        copy = pickle.loads(pickle.dumps(skin, pickle.HIGHEST_PROTOCOL))
+        assert copy == skin, skin.name
+
+
+def test_a_timeline_clock_continues_where_it_was_in_the_copy():
+    skin = next(s for s in compiled_presets() if s.timeline is not None)
+    start = time.monotonic_ns() - 90 * 10**9
+    clock = StepClock(skin.timeline, start, skin, seed=7)
+    now = time.monotonic_ns()
+    clock.advance(now)
+    copy = pickle.loads(pickle.dumps(clock))
+    later = now + 37 * 10**9
+    assert copy.advance(later) == clock.advance(later)
+    assert copy.position(later) == clock.position(later)
+
+
+def test_frames_cross_a_socket_in_order():
+    import socket
+    a, b = socket.socketpair()
+    with a, b:
+        for obj in ((1, "ping", {}), (2, "set_indexes", {"indexes": {"tap0": 7}}), (3, "x", {"big": b"z" * 200_000})):
+            a.sendall(_encode(obj))
+        assert [_receive_blocking(b) for _ in range(3)][1] == (2, "set_indexes", {"indexes": {"tap0": 7}})
+
+
+def _shards(workers: int, shared_uplink: bool = False) -> Shards:
+    config = HostConfig(workers=workers)
+    return Shards(workers=workers, queue_numbers=config.queue_numbers, gso=True, shared_uplink=shared_uplink,
+                  fail_open=True, host_uplink_kbps=1000 if shared_uplink else 0)
+
+
+def in_trio(test):
+    """Run the test in trio (the shell's timer closes through trio)."""
+    def run():
+        async def main():
+            test()
+        trio.run(main)
+    run.__name__ = test.__name__
+    return run
+
+
+@in_trio
+def test_vms_are_spread_over_the_workers_and_each_gets_its_workers_queues():
+    shards = _shards(3)
+    try:
+        config = HostConfig(workers=3)
+        for i in range(7):
+            worker = shards.place(f"vm{i}")
+            shards.add_vm(f"vm{i}", f"tap{i}", *config.queue_numbers(worker), worker=worker)
+        counts = [list(shards.worker_of.values()).count(k) for k in range(3)]
+        assert counts == [3, 2, 2]
+        assert shards.queues["vm1"] == config.queue_numbers(1) == (7704, 7705)
+        assert set(shards.paths) == {f"vm{i}" for i in range(7)}
+        assert set(shards.local.paths) == {"vm0", "vm3", "vm6"}
+        assert [w["vms"] for w in shards.workers_status()] == [3, 2, 2]
+        shards.remove_vm("vm1")
+        assert shards.place("vm9") == 1  # the worker with room again
+    finally:
+        shards.close()
+
+
+@in_trio
+def test_a_shared_uplink_keeps_every_vm_in_one_worker():
+    shards = _shards(4, shared_uplink=True)
+    try:
+        assert shards.count == 1 and not shards.remotes
+        assert {shards.place(f"vm{i}") for i in range(5)} == {0}
+        assert shards.link is not None
+    finally:
+        shards.close()
+    assert HostConfig(workers=4, host_uplink_kbps=1000).worker_count == 1
+
+
+def test_workers_default_to_the_cores_the_daemon_may_use():
+    assert HostConfig().worker_count == len(os.sched_getaffinity(0))
+    assert HostConfig(workers=3).worker_count == 3
+
+
+def test_workers_out_of_range_or_without_room_for_their_queues_are_refused():
+    with pytest.raises(ValueError, match="workers"):
+        HostConfig(workers=65)
+    with pytest.raises(ValueError, match=r"queue_base: 65500 .* 16 worker\(s\)"):
+        HostConfig(workers=16, queue_base=65_500)
