@@ -46,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-base", type=int, default=7700)
     parser.add_argument("--fail-open", action="store_true", help="as fail_mode = open (default: closed)")
     parser.add_argument("--gso", action="store_true", help="take GSO super-packets whole (default: segments)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="as the daemon's workers: VM i (in --interface order) goes to loop i mod N")
+    parser.add_argument("--worker", type=int, default=0,
+                        help="this loop's number: it binds queue_base + 4k and + 4k + 1; loop 0 installs "
+                             "and removes the rules for every VM, the others only serve")
     args = parser.parse_args(argv)
 
     queues: list[NetfilterQueue] = []
-    uplink, downlink = args.queue_base, args.queue_base + 1
+    uplink, downlink = args.queue_base + 4 * args.worker, args.queue_base + 4 * args.worker + 1
     for number in (uplink, downlink):
         queue = NetfilterQueue()
         queue.bind(number, accept, max_len=MAX_LEN, mode=COPY_PACKET,
@@ -58,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         if flags:
             set_queue_flags(queue.get_fd(), number, flags)
         queues.append(queue)
-    steering = [rules.VmRules(f"vm{index + 1}", interface, uplink, downlink)
+    steering = [rules.VmRules(f"vm{index + 1}", interface, args.queue_base + 4 * (index % args.workers),
+                              args.queue_base + 4 * (index % args.workers) + 1)
                 for index, interface in enumerate(args.interface)]
+    owner = args.worker == 0
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        rules.install(steering, fail_open=args.fail_open)
+        if owner:
+            rules.install(steering, fail_open=args.fail_open)
         for queue in queues[1:]:
             threading.Thread(target=_serve_quietly, args=(queue,), daemon=True).start()
         print("ready", flush=True)
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        rules.remove()
+        if owner:
+            rules.remove()
     return 0
 
 

@@ -3,6 +3,8 @@
 A lab with two VMs. Three sweeps of the highest rate of 64-byte UDP with < 0.1 % loss:
 
 - the bare netfilterqueue loop, one VM flooding (one process on one core: the baseline);
+- two bare loops, one per VM, each on its own queue pair (``bench.bare_loop --workers 2``), both
+  VMs flooding at once: what this machine gives two queue processes at all;
 - the daemon with ``workers = 1``, both VMs flooding at once (half the rate each);
 - the daemon with ``workers = 2``, both VMs flooding at once: each VM owned by its own worker.
 
@@ -116,10 +118,15 @@ def config_with_workers(h: Harness, workers: int) -> Path:
     return path
 
 
-def cpu_per_packet(h: Harness, pid: int, seconds: float) -> dict:
-    cpu0, machine0, queues0 = tree_cpu_seconds(pid), machine_cpu_seconds(), h.queue_counters()
+def cpu_per_packet(h: Harness, pid: int | list, seconds: float) -> dict:
+    """Per queued packet at CPU_PPS over both VMs: the CPU of ``pid``'s process tree (or of
+    every process of a list of bare loops) and of the whole machine."""
+    def cpu() -> float:
+        return sum(tree_cpu_seconds(p.pid) for p in pid) if isinstance(pid, list) else tree_cpu_seconds(pid)
+
+    cpu0, machine0, queues0 = cpu(), machine_cpu_seconds(), h.queue_counters()
     flood = flood_both(h, CPU_PPS, seconds)
-    cpu1, machine1, queues1 = tree_cpu_seconds(pid), machine_cpu_seconds(), h.queue_counters()
+    cpu1, machine1, queues1 = cpu(), machine_cpu_seconds(), h.queue_counters()
     queued = sum(c.queued - queues0[q].queued for q, c in queues1.items() if q in queues0)
     return {"daemon_us_per_packet": 1e6 * (cpu1 - cpu0) / queued if queued else math.nan,
             "machine_us_per_packet": 1e6 * (machine1 - machine0) / queued if queued else math.nan,
@@ -128,7 +135,7 @@ def cpu_per_packet(h: Harness, pid: int, seconds: float) -> dict:
 
 def measure(h: Harness, *, seconds: float = 2.0, start_pps: float = 20_000, max_pps: float = 640_000,
             bisect_steps: int = 4, repeats: int = 2, step=print) -> dict:
-    out: dict = {"bare_loop": [], "workers_1": [], "workers_2": [], "cpu": {}}
+    out: dict = {"bare_loop": [], "bare_loops_2": [], "workers_1": [], "workers_2": [], "cpu": {}}
     base = h.daemon_config
     for round_ in range(repeats):
         step(f"workers: round {round_ + 1}/{repeats}: the bare loop, one VM")
@@ -138,6 +145,24 @@ def measure(h: Harness, *, seconds: float = 2.0, start_pps: float = 20_000, max_
                                           bisect_steps)["max_pps"])
         finally:
             h.stop(loop)
+            h.hv_pid = None
+        step(f"workers: round {round_ + 1}/{repeats}: two bare loops, a VM each (the machine's own scaling)")
+        interfaces = [arg for vm in VMS for arg in ("--interface", h.lab.vm(vm).interface)]
+        loops = []
+        try:
+            for k in (0, 1):
+                loops.append(h.python("hv", "bench.bare_loop", *interfaces, "--queue-base", 7700,
+                                      "--workers", 2, "--worker", k))
+                h.wait_ready(loops[-1], f"bare loop {k}")
+            h.hv_pid = loops[0].pid
+            flood_both(h, 20_000, 1.0)  # warm-up
+            if round_ == 0:
+                out["cpu"]["bare_loops_2"] = cpu_per_packet(h, loops, 4.0)
+            out["bare_loops_2"].append(sweep(lambda pps, s: flood_both(h, pps, s), seconds, start_pps, max_pps,
+                                             bisect_steps)["max_pps"])
+        finally:
+            for loop in reversed(loops):
+                h.stop(loop)
             h.hv_pid = None
         for workers in (1, 2):
             step(f"workers: round {round_ + 1}/{repeats}: the daemon with workers = {workers}, two VMs")
@@ -151,7 +176,7 @@ def measure(h: Harness, *, seconds: float = 2.0, start_pps: float = 20_000, max_
                         raise BenchError(f"workers = {workers}: VMs placed on workers {placed}")
                     flood_both(h, 20_000, 1.0)  # warm-up
                     if round_ == 0:
-                        out["cpu"][workers] = cpu_per_packet(h, daemon.pid, 4.0)
+                        out["cpu"][f"workers_{workers}"] = cpu_per_packet(h, daemon.pid, 4.0)
                     out[f"workers_{workers}"].append(
                         sweep(lambda pps, s: flood_both(h, pps, s), seconds, start_pps, max_pps,
                               bisect_steps)["max_pps"])
@@ -165,15 +190,21 @@ def measure(h: Harness, *, seconds: float = 2.0, start_pps: float = 20_000, max_
 
 def rows(result: dict) -> list[dict]:
     bare, one, two = result["bare_loop"], result["workers_1"], result["workers_2"]
+    bare_two = result["bare_loops_2"]
     out = [
+        {"metric": "max rate, 2 bare loops (2 VMs) vs 1 bare loop (1 VM): the machine's scaling",
+         "measured": f"{bare_two:,.0f} pps = {bare_two / bare:.2f}×", "goal": "—", "met": None},
         {"metric": "max rate, 1 worker (2 VMs) vs bare loop (1 VM)", "measured": f"{one:,.0f} pps = {one / bare:.2f}×",
          "goal": "≥ 1.00×", "met": one >= bare},
         {"metric": "max rate, 2 workers (2 VMs) vs bare loop (1 VM)",
          "measured": f"{two:,.0f} pps = {two / bare:.2f}×", "goal": "≥ 1.70×", "met": two >= 1.7 * bare},
         {"metric": "max rate, 2 workers vs 1 worker", "measured": f"{two / one:.2f}×", "goal": "—", "met": None},
+        {"metric": "max rate, 2 workers vs 2 bare loops", "measured": f"{two / bare_two:.2f}×", "goal": "—",
+         "met": None},
     ]
-    for workers, cpu in sorted(result["cpu"].items()):
-        out.append({"metric": f"whole daemon CPU per packet, {workers} worker(s), {CPU_PPS:,} pps",
+    names = {"bare_loops_2": "2 bare loops", "workers_1": "daemon, 1 worker", "workers_2": "daemon, 2 workers"}
+    for key, cpu in result["cpu"].items():
+        out.append({"metric": f"CPU per packet, {names[key]}, 2 VMs, {CPU_PPS:,} pps in all",
                     "measured": f"{cpu['daemon_us_per_packet']:.1f} µs (machine {cpu['machine_us_per_packet']:.1f} µs)",
                     "goal": "—", "met": None})
     return out

@@ -193,7 +193,8 @@ class HostConfig(_Strict):
     batch_verdicts: bool = True
     # Engine workers: each owns whole VMs and serves their queues on its own core (worker 0 in
     # the daemon's process, the others as its child processes). 0: one per core the daemon may
-    # run on. With a shared host uplink every VM stays in worker 0 (one weighted scheduler).
+    # run on but one, at least one: the kernel's forwarding (softirqs) and the VMs need a core
+    # too. With a shared host uplink every VM stays in worker 0 (one weighted scheduler).
     workers: Annotated[int, Field(ge=0, le=MAX_WORKERS, strict=True)] = 0
     rules_dir: Path | None = None  # extra drop-in directory for firewall profiles
     # Packets one VM may have held per direction (delay, rate queue); more are dropped as
@@ -244,13 +245,13 @@ class HostConfig(_Strict):
 
     @property
     def worker_count(self) -> int:
-        """Engine workers in use: ``workers``, or one per core the daemon may run on; one with a
-        shared host uplink."""
+        """Engine workers in use: ``workers``, or one per core the daemon may run on but one (at
+        least one); one with a shared host uplink."""
         if self.host_uplink_kbps:
             return 1
         if self.workers:
             return self.workers
-        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) - 1))
 
     def queue_numbers(self, worker: int = 0, gso: bool = False) -> VmQueues:
         """An NFQUEUE pair of engine worker ``worker`` (0-based), shared by the VMs it owns: the
