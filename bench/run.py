@@ -149,13 +149,15 @@ def measure_cpu(h: Harness, pid: int, plan: Plan, pps: int | None = None) -> dic
     return {"cpu_us_per_packet": median([r["cpu_us_per_packet"] for r in runs]), "cpu_runs": runs}
 
 
-def sweep(h: Harness, plan: Plan) -> dict:
-    """The highest received rate with loss under LOSS_LIMIT: doubling, then geometric bisection."""
+def sweep(h: Harness, plan: Plan, flood=None) -> dict:
+    """The highest received rate with loss under LOSS_LIMIT: doubling, then geometric bisection.
+    ``flood(pps, seconds)``: the load (default ``h.udp_flood``, the measured VM's uplink)."""
     trials = []
     sender_limited = False
+    flood = flood or h.udp_flood
 
     def trial(pps: float) -> bool:
-        result = h.udp_flood(pps, plan.sweep_seconds)
+        result = flood(pps, plan.sweep_seconds)
         result["ok"] = result["loss"] < LOSS_LIMIT
         trials.append(result)
         return result["ok"]
@@ -694,7 +696,10 @@ def main(argv: list[str] | None = None) -> int:
             elif args.only == "workers":
                 from bench import workers
 
-                results.workers = workers.measure(harness, repeats=1 if plan.quick else 2, step=step)
+                # The same sweep in every mode (two VMs reach twice one VM's rate).
+                sweep_plan = replace(plan, sweep_seconds=2.0, sweep_start_pps=20_000, sweep_max_pps=640_000,
+                                     bisect_steps=4)
+                results.workers = workers.measure(harness, sweep_plan, repeats=1 if plan.quick else 2, step=step)
             elif args.only == "vms":
                 from bench import vms
 

@@ -1,6 +1,6 @@
 """One engine worker against two (``python -m bench.run --only workers``).
 
-A lab with two VMs. Three sweeps of the highest rate of 64-byte UDP with < 0.1 % loss:
+A lab with two VMs. Four sweeps of the highest rate of 64-byte UDP with < 0.1 % loss:
 
 - the bare netfilterqueue loop, one VM flooding (one process on one core: the baseline);
 - two bare loops, one per VM, each on its own queue pair (``bench.bare_loop --workers 2``), both
@@ -30,7 +30,6 @@ from bench.harness import BACKLOG_SAMPLE_S, BenchError, Harness, machine_cpu_sec
 from bench.stats import median
 
 VMS = ("vm1", "vm2")
-LOSS_LIMIT = 0.001
 CPU_PPS = 20_000
 
 
@@ -78,40 +77,6 @@ def flood_both(h: Harness, pps: float, seconds: float, payload_bytes: int = 64) 
             "loss": (sent - arrived + backlog) / sent if sent else 1.0}
 
 
-def sweep(flood, seconds: float, start_pps: float, max_pps: float, bisect_steps: int) -> dict:
-    """The highest received rate with loss under LOSS_LIMIT: doubling, then geometric bisection."""
-    trials = []
-
-    def trial(pps: float) -> bool:
-        result = flood(pps, seconds)
-        result["ok"] = result["loss"] < LOSS_LIMIT
-        trials.append(result)
-        return result["ok"]
-
-    passed, failed, pps = None, None, start_pps
-    while pps <= max_pps:
-        if not trial(pps):
-            failed = pps
-            break
-        passed, pps = pps, pps * 2
-    while passed is None and failed > 1000:
-        pps = failed / 2
-        if trial(pps):
-            passed = pps
-        else:
-            failed = pps
-    for _ in range(bisect_steps):
-        if passed is None or failed is None:
-            break
-        middle = math.sqrt(passed * failed)
-        if trial(middle):
-            passed = middle
-        else:
-            failed = middle
-    good = [t for t in trials if t["ok"]]
-    return {"max_pps": max((t["received_pps"] for t in good), default=0.0), "trials": trials}
-
-
 def config_with_workers(h: Harness, workers: int) -> Path:
     path = h.workdir / f"bench-workers-{workers}.toml"
     path.write_text(f"workers = {workers}\n" + h.daemon_config.read_text())
@@ -133,16 +98,16 @@ def cpu_per_packet(h: Harness, pid: int | list, seconds: float) -> dict:
             "loss": flood["loss"]}
 
 
-def measure(h: Harness, *, seconds: float = 2.0, start_pps: float = 20_000, max_pps: float = 640_000,
-            bisect_steps: int = 4, repeats: int = 2, step=print) -> dict:
+def measure(h: Harness, plan, *, repeats: int = 2, step=print) -> dict:
+    """``plan``: bench.run's plan, for its sweep (``bench.run.sweep``)."""
+    from bench.run import sweep  # bench.run imports this module when it runs this row
     out: dict = {"bare_loop": [], "bare_loops_2": [], "workers_1": [], "workers_2": [], "cpu": {}}
     base = h.daemon_config
     for round_ in range(repeats):
         step(f"workers: round {round_ + 1}/{repeats}: the bare loop, one VM")
         loop = h.start_bare_loop()
         try:
-            out["bare_loop"].append(sweep(lambda pps, s: h.udp_flood(pps, s), seconds, start_pps, max_pps,
-                                          bisect_steps)["max_pps"])
+            out["bare_loop"].append(sweep(h, plan)["max_pps"])
         finally:
             h.stop(loop)
             h.hv_pid = None
@@ -158,8 +123,7 @@ def measure(h: Harness, *, seconds: float = 2.0, start_pps: float = 20_000, max_
             flood_both(h, 20_000, 1.0)  # warm-up
             if round_ == 0:
                 out["cpu"]["bare_loops_2"] = cpu_per_packet(h, loops, 4.0)
-            out["bare_loops_2"].append(sweep(lambda pps, s: flood_both(h, pps, s), seconds, start_pps, max_pps,
-                                             bisect_steps)["max_pps"])
+            out["bare_loops_2"].append(sweep(h, plan, lambda pps, s: flood_both(h, pps, s))["max_pps"])
         finally:
             for loop in reversed(loops):
                 h.stop(loop)
@@ -178,8 +142,7 @@ def measure(h: Harness, *, seconds: float = 2.0, start_pps: float = 20_000, max_
                     if round_ == 0:
                         out["cpu"][f"workers_{workers}"] = cpu_per_packet(h, daemon.pid, 4.0)
                     out[f"workers_{workers}"].append(
-                        sweep(lambda pps, s: flood_both(h, pps, s), seconds, start_pps, max_pps,
-                              bisect_steps)["max_pps"])
+                        sweep(h, plan, lambda pps, s: flood_both(h, pps, s))["max_pps"])
                 finally:
                     h.stop_daemon(daemon)
             finally:

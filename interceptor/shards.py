@@ -117,9 +117,6 @@ class RemotePipe:
         self.hold, self.late = [], []
         return hold, late
 
-    def count_drop(self, *args) -> None:  # the daemon never drops on a remote path
-        raise RuntimeError("a remote VM's packets are counted by its worker")
-
 
 class RemotePath:
     """A VM served by a worker process, as the daemon sees it."""
@@ -133,7 +130,6 @@ class RemotePath:
         self.dns_answers: dict[str, int] = {}
         self.icmp_sent = 0
         self.errors = 0
-        self.reported_generation = 0
         self.given: CompiledSkin | None = None  # the skin last set (a timeline's steps come from it)
 
     # What the daemon set: read from the shadow, which took the same skin, generation and clock.
@@ -167,7 +163,6 @@ class RemotePath:
         self.dns_answers = report["dns"]
         self.icmp_sent = report["icmp"]
         self.errors = report["errors"]
-        self.reported_generation = report["generation"]
 
 
 class RemoteWorker:
@@ -560,7 +555,7 @@ def _worker_commands(shell_box: list, nursery: trio.Nursery) -> dict[str, Callab
             vms[name] = {"uplink": path.uplink.snapshot(), "downlink": path.downlink.snapshot(),
                          "samples_up": path.uplink.take_samples(), "samples_down": path.downlink.take_samples(),
                          "dns": dict(path.dns_answers), "icmp": path.icmp_sent,
-                         "errors": shell.errors.get(name, 0), "generation": path.generation}
+                         "errors": shell.errors.get(name, 0)}
         return {"vms": vms, "held": shell.held_packets, "unclassified": shell.unclassified}
 
     def fault(name, count):

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 
 from manager import measure
 from manager.lab import QUEUE_BASE
 from manager.process import DaemonProcess
-from tests.e2e.test_manager_e2e import netskin, write_skin
+from tests.e2e.test_manager_e2e import netskin, wait_until, write_skin
 
 pytestmark = pytest.mark.e2e
 
@@ -28,16 +27,6 @@ def with_workers(lab, workers: int, fail_mode: str = "open") -> None:
 
 def status(lab) -> dict:
     return json.loads(netskin(lab.config_path, "status", "--json").stdout)
-
-
-def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def rtts(lab, vm: str, count: int = 10) -> list[float]:
@@ -76,9 +65,9 @@ def test_a_killed_worker_is_started_again_with_its_vms_skin(lab, fail_mode):
         assert netskin(lab.config_path, "apply", "vm2", "slow").returncode == 0
         before = status(lab)["host"]["workers"][1]
         os.kill(before["pid"], signal.SIGKILL)
-        after = wait_for(lambda: next((w for w in [status(lab)["host"]["workers"][1]]
-                                       if w["restarts"] == 1 and w["pid"] != before["pid"]), None),
-                         what="worker 1 started again")
+        after = wait_until(lambda: next((w for w in [status(lab)["host"]["workers"][1]]
+                                         if w["restarts"] == 1 and w["pid"] != before["pid"]), None), 20)
+        assert after, "worker 1 was not started again"
         print(f"worker 1: pid {before['pid']} killed, pid {after['pid']} serving")
         assert after["last_exit"] == "signal SIGKILL"
         # Every packet after the restart meets the skin: none is faster than the delay.
@@ -97,7 +86,7 @@ def test_a_stopped_daemon_leaves_no_worker_process(lab):
     with DaemonProcess(lab.config_path):
         pid = status(lab)["host"]["workers"][1]["pid"]
         assert os.path.exists(f"/proc/{pid}")
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout_s=10, what="worker gone")
+    assert wait_until(lambda: _zombie(pid), 10), "the worker process outlived its daemon"
 
 
 def test_a_killed_daemons_workers_follow_it(lab):
@@ -107,11 +96,12 @@ def test_a_killed_daemons_workers_follow_it(lab):
     daemon = DaemonProcess(lab.config_path).start()
     pid = status(lab)["host"]["workers"][1]["pid"]
     daemon.stop(signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout_s=10, what="worker gone")
+    assert wait_until(lambda: _zombie(pid), 10), "the worker process outlived its daemon"
     assert measure.ping(lab, "vm2", lab.inet_address, count=5, interval=0.05)["loss_percent"] == 0.0
 
 
 def _zombie(pid: int) -> bool:
+    """The process is gone, or only its exit status is left."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rpartition(")")[2].split()[0] == "Z"
