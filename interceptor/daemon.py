@@ -4,9 +4,10 @@ Start-up order matters: compile every VM's assigned skin, bind the queues, then 
 netfilter rules, so the first packet a VM sends already meets its skin; only then does it tell
 systemd it is ready. Shutdown (SIGINT/SIGTERM) takes the steering out first (no new packets
 queue), verdicts held packets and unbinds the queues; firewall chains stay, so profiles hold while
-the daemon is down. All tasks live in one trio nursery. The trio thread never blocks on files,
-netlink or iptables: library scans, state writes, rule changes and identity reconciliation run in
-worker threads, and their results are applied on the trio thread.
+the daemon is down. All tasks live in one trio nursery; the packets themselves are served by the
+shell's data-path thread, which the trio side changes only under the shell's lock. The trio
+thread never blocks on files, netlink or iptables: library scans, state writes, rule changes and
+identity reconciliation run in worker threads, and their results are applied on the trio thread.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ RESCAN_INTERVAL_S = 0.5
 DNS_PROBE_INTERVAL_S = 2.0
 DNS_PROBE_TIMEOUT_S = 1.0
 RULES_TIMEOUT_S = 10.0
-SWITCH_INTERVAL_S = 0.0005
 FIREWALL_COUNTERS_MAX_AGE_S = 0.5
 INDEXES_INTERVAL_S = 1.0  # the VM interfaces' indexes are read again at least this often...
 INDEXES_MIN_INTERVAL_S = 0.05  # ...and at most this often (on packets of unknown devices)
@@ -57,8 +57,8 @@ FAULT_INJECTION_ENV = "NETSKIN_FAULT_INJECTION"  # "1": the control socket takes
 
 
 def set_data_path_nice(nice: int) -> None:
-    """Give the calling thread (the data path) this niceness; threads it starts later inherit it,
-    the helper process puts itself back to 0."""
+    """Give the calling thread this niceness; threads it starts later (the data path's among them)
+    inherit it, the helper process puts itself back to 0."""
     if nice == 0:
         return
     try:
@@ -145,8 +145,7 @@ class Daemon:
                               worker=worker)
             if self._stamp_timeline(assignment, compiled):
                 self.store.save(assignment)
-            self.shell.paths[name].set_skin(compiled, assignment.generation,
-                                            self._timeline_clock(assignment, compiled))
+            self.shell.set_skin(name, compiled, assignment.generation, self._timeline_clock(assignment, compiled))
             self._capture_original(name)
             self._pick_dns_targets(name)
             self._apply_identity(name, reconcile.reconcile(self._identity_job(name)))
@@ -301,10 +300,6 @@ class Daemon:
             gc.collect()
             gc.freeze()
             gc.set_threshold(50_000, 50, 100)
-            # Worker threads (library scans, compiles, identity) run Python code and hold the GIL
-            # for up to the switch interval before the data path gets it back: 5 ms by default,
-            # which showed as release-lateness spikes while skins were being rewritten.
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
             set_data_path_nice(self.config.data_path_nice)
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
@@ -371,12 +366,14 @@ class Daemon:
                     return
 
     async def _watchdog(self) -> None:
-        """WATCHDOG=1 from the data path's own event loop: if it wedges, systemd restarts it."""
+        """WATCHDOG=1 from the trio loop, with the data path's lock taken: if either wedges,
+        systemd restarts the daemon (a data path that ends raises out of the nursery instead)."""
         interval = sdnotify.watchdog_interval_s()
         if not interval:
             return
         while True:
-            sdnotify.notify("WATCHDOG=1")
+            with self.shell.lock:
+                sdnotify.notify("WATCHDOG=1")
             await trio.sleep(interval / 2)
 
     async def _watch_interfaces(self) -> None:
@@ -410,8 +407,10 @@ class Daemon:
                     if generation != path.generation:
                         window = ConditionWindow()
                         self.conditions[(vm, direction)] = (path.generation, window)
-                    hold, late = pipe.take_samples()
-                    window.tick(now, pipe.snapshot(), hold, late)
+                    with self.shell.lock:  # the data path appends samples and counts
+                        hold, late = pipe.take_samples()
+                        counters = pipe.snapshot()
+                    window.tick(now, counters, hold, late)
                 await trio.lowlevel.checkpoint()  # one VM at a time: the data path runs in between
 
     def _conditions(self, vm: str) -> tuple[dict, list[str]]:
@@ -517,9 +516,9 @@ class Daemon:
         self.assignments[name] = assignment
         self._locks.setdefault(name, trio.Lock())
         worker = self.shell.place(name)
-        path = self.shell.add_vm(name, config.interface, *self._queues_for(compiled, worker),
-                                 addresses=_addresses(config), worker=worker)
-        path.set_skin(compiled, assignment.generation, clock)
+        self.shell.add_vm(name, config.interface, *self._queues_for(compiled, worker),
+                          addresses=_addresses(config), worker=worker)
+        self.shell.set_skin(name, compiled, assignment.generation, clock)
         self._pick_dns_targets(name)
         self.shell.set_indexes(await trio.to_thread.run_sync(_interface_indexes))
         try:
@@ -660,7 +659,7 @@ class Daemon:
             self._firewall_counters_at = 0.0
         self.assignments[vm] = assignment
         clock = await trio.to_thread.run_sync(self._timeline_clock, assignment, compiled)
-        self.shell.paths[vm].set_skin(compiled, assignment.generation, clock)
+        self.shell.set_skin(vm, compiled, assignment.generation, clock)
         await self.shell.settle(vm)  # in force in its worker before it takes super-packets
         if wanted != self.shell.queues[vm]:
             await self._steer(vm, wanted)
@@ -879,9 +878,11 @@ class Daemon:
 
     def host_status(self) -> dict:
         link = self.shell.link
+        with self.shell.lock:  # the data path adds the link's flows
+            shared = {str(k): v for k, v in link.snapshot().items()} if link else None
         return {
             "host_uplink_kbps": self.config.host_uplink_kbps,
-            "shared_uplink": {str(k): v for k, v in link.snapshot().items()} if link else None,
+            "shared_uplink": shared,
             "held_packets": self.shell.held_packets,
             "unclassified_packets": self.shell.unclassified,
             "errors": sum(self.shell.errors.values()),
@@ -949,7 +950,8 @@ class Daemon:
         if path.timeline is None:
             return None
         now = time.monotonic_ns()
-        path.advance_timeline(now)  # what the next packet would do anyway
+        with self.shell.lock:
+            path.advance_timeline(now)  # what the next packet would do anyway
         position = path.timeline.position(now)
         started = self.assignments[vm].timeline or {}
         position["start_unix_ns"] = started.get("start_unix_ns")

@@ -1,9 +1,9 @@
-"""NFQUEUE binding: netfilterqueue queues served from trio without threads.
+"""NFQUEUE binding: netfilterqueue queues drained by the shell's data-path thread.
 
-Each queue's netlink fd is awaited with ``trio.lowlevel.wait_readable`` and drained with
-``run(block=False)``. A drain is bounded: the callback raises ``_BatchDone`` after ``batch``
-packets (netfilterqueue propagates callback exceptions out of ``run``), so a flood cannot starve
-the timer that releases held packets. The kernel's queue flags, which netfilterqueue does not
+The shell waits for each queue's netlink fd (``fd``) in its own epoll and calls ``drain``, which
+reads with ``run(block=False)``. A drain is bounded: the callback raises ``_BatchDone`` after
+``batch`` packets (netfilterqueue propagates callback exceptions out of ``run``), so a flood
+cannot starve the timer that releases held packets. The kernel's queue flags, which netfilterqueue does not
 expose (fail-open; GSO: take a GSO super-packet whole instead of cut into segments), are set with
 one raw NFQNL_MSG_CONFIG message on the queue's own socket.
 
@@ -31,7 +31,6 @@ import socket
 import struct
 from typing import Callable
 
-import trio
 from netfilterqueue import COPY_PACKET, NetfilterQueue
 
 _NFNL_SUBSYS_QUEUE = 3
@@ -93,20 +92,20 @@ class Queue:
         if self._left <= 0:
             raise _BatchDone
 
-    async def serve(self) -> None:
-        fd = self._nfq.get_fd()
-        run = self._nfq.run
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            self._left = self.batch
-            try:
-                run(block=False)
-            except _BatchDone:
-                pass
-            finally:
-                self.flush()
-            # Let the release timer and the control socket run between batches.
-            await trio.lowlevel.checkpoint()
+    @property
+    def fd(self) -> int:
+        return self._nfq.get_fd()
+
+    def drain(self) -> None:
+        """Handle the packets waiting on the socket, at most ``batch`` of them (the fd stays
+        readable if more wait), and send their deferred accepts."""
+        self._left = self.batch
+        try:
+            self._nfq.run(block=False)
+        except _BatchDone:
+            pass
+        finally:
+            self.flush()
 
     def accept_later(self, packet_id: int) -> None:
         """Accept this packet with the next batch verdict (see the module's docstring)."""

@@ -205,8 +205,9 @@ class HostConfig(_Strict):
     # mangle FORWARD/INPUT. Pick a bit no other tool on the host uses.
     steering_mark: Annotated[int, Field(ge=1, le=0x8000_0000, strict=True)] = 0x0010_0000
     # Niceness of the thread that serves the queues (-20 … 19; 0 leaves it as started): under
-    # CPU contention a lower value lets it run first when a held packet is due.
-    data_path_nice: Annotated[int, Field(ge=-20, le=19, strict=True)] = -10
+    # CPU contention a lower value lets it run first when a held packet is due, at a price: it
+    # then preempts the senders on every packet and wakes once per packet (see the README).
+    data_path_nice: Annotated[int, Field(ge=-20, le=19, strict=True)] = 0
     vms: dict[str, VmConfig] = {}
     store: StoreConfig | None = None  # a fleet member (netskin agent); None: a single host
     libvirt: LibvirtConfig | None = None  # VMs found through libvirt besides [vms.*]

@@ -367,6 +367,11 @@ class Shards:
         return self.local.classifier
 
     @property
+    def lock(self):
+        """Worker 0's data-path lock: held while reading or changing its engine's state."""
+        return self.local.lock
+
+    @property
     def indexes_wanted(self) -> trio.Event:
         return self.local.indexes_wanted
 
@@ -411,6 +416,14 @@ class Shards:
         self.paths.pop(name)
         self.queues.pop(name)
         self.interfaces.pop(name)
+
+    def set_skin(self, name: str, skin: CompiledSkin, generation: int, timeline=None) -> None:
+        """Swap ``name``'s skin: in force in worker 0 on return, sent to any other worker
+        (``settle`` waits for it there)."""
+        if self.worker_of[name] == 0:
+            self.local.set_skin(name, skin, generation, timeline)
+        else:
+            self.paths[name].set_skin(skin, generation, timeline)
 
     def set_queues(self, name: str, uplink_queue: int, downlink_queue: int) -> None:
         self.queues[name] = (uplink_queue, downlink_queue)
@@ -532,7 +545,7 @@ def _worker_commands(shell_box: list, nursery: trio.Nursery) -> dict[str, Callab
         shell_box[0].remove_vm(name)
 
     def set_skin(name, skin, generation, timeline):
-        shell_box[0].paths[name].set_skin(skin, generation, timeline)
+        shell_box[0].set_skin(name, skin, generation, timeline)
 
     def set_indexes(indexes):
         shell_box[0].set_indexes(indexes)
@@ -551,11 +564,13 @@ def _worker_commands(shell_box: list, nursery: trio.Nursery) -> dict[str, Callab
     def snapshot():
         shell = shell_box[0]
         vms = {}
-        for name, path in shell.paths.items():
-            vms[name] = {"uplink": path.uplink.snapshot(), "downlink": path.downlink.snapshot(),
-                         "samples_up": path.uplink.take_samples(), "samples_down": path.downlink.take_samples(),
-                         "dns": dict(path.dns_answers), "icmp": path.icmp_sent,
-                         "errors": shell.errors.get(name, 0)}
+        with shell.lock:
+            for name, path in shell.paths.items():
+                vms[name] = {"uplink": path.uplink.snapshot(), "downlink": path.downlink.snapshot(),
+                             "samples_up": path.uplink.take_samples(),
+                             "samples_down": path.downlink.take_samples(),
+                             "dns": dict(path.dns_answers), "icmp": path.icmp_sent,
+                             "errors": shell.errors.get(name, 0)}
         return {"vms": vms, "held": shell.held_packets, "unclassified": shell.unclassified}
 
     def fault(name, count):

@@ -1,4 +1,4 @@
-"""The trio shell around the engine: NFQUEUE packets in, the engine's verdicts out, on time.
+"""The shell around the engine: NFQUEUE packets in, the engine's verdicts out, on time.
 
 It maps ``interceptor.engine.path`` onto the outside world and knows no stage: one NFQUEUE queue
 pair (uplink, downlink) for all its VMs, each packet handed to its VM's path by the devices the
@@ -6,8 +6,14 @@ kernel reports with it (``interceptor.engine.classify``: a dict lookup, whatever
 VMs), a timerfd armed for the engine's next due time, netfilterqueue verdicts, payload rewrites
 and the raw sockets that send ICMP errors. A second queue pair, bound with the kernel's GSO flag,
 carries the directions whose skin makes no per-packet decision: there a packet may be a
-super-packet of up to 64 KiB, weighed by the size in its IP header and never rewritten. A
-packet whose handling raises is verdicted by ``fail_mode`` and counted; the daemon keeps serving. So is a packet of a device the shell does
+super-packet of up to 64 KiB, weighed by the size in its IP header and never rewritten.
+
+The packets are served by one thread of its own (the data path): a plain epoll over the queues'
+fds and the timerfd, so a wake-up costs a system call and a few lines of Python, not a round of
+the trio scheduler (about 45 µs here, which at a few packets per wake-up was most of a packet's
+cost). The trio side (``run``) starts and stops that thread; everything else the owner does to
+the engine (VMs, skins, indexes, counters it takes) happens under ``lock``, which the data path
+holds while it handles one wake-up's packets. A packet whose handling raises is verdicted by ``fail_mode`` and counted; the daemon keeps serving. So is a packet of a device the shell does
 not know (counted as ``unclassified``): the owner then reads the interface indexes again
 (``indexes_wanted``), since a recreated tap comes back with a new index.
 """
@@ -15,7 +21,11 @@ not know (counted as ``unclassified``): the owner then reads the interface index
 from __future__ import annotations
 
 import logging
+import os
 import random
+import select
+import sys
+import threading
 from time import monotonic_ns
 from typing import Any, Callable
 
@@ -40,6 +50,11 @@ RELEASE_AHEAD_NS = 40_000
 # yet read, so the engine's own cap (drop reason "overflow") is reached before the kernel's.
 KERNEL_QUEUE_HEADROOM = 1024
 
+# Other threads (the trio loop, the daemon's worker threads for compiles and state writes) hold
+# the GIL for up to the switch interval before the data path gets it back: 5 ms by default,
+# which showed as release-lateness spikes while skins were being rewritten.
+SWITCH_INTERVAL_S = 0.0005
+
 
 class Shell:
     def __init__(
@@ -54,6 +69,11 @@ class Shell:
         batch_verdicts: bool = True,
     ) -> None:
         self.fail_open = fail_open
+        # Held by the data-path thread while it handles a wake-up; by the owner while it changes
+        # the engine (re-entrant: an owner's locked block may call the locked methods below).
+        self.lock = threading.RLock()
+        self._token: trio.lowlevel.TrioToken | None = None  # the owner's trio loop, while running
+        self._indexes_asked = False
         # Accepts while the engine holds nothing go out as one batch verdict per drain.
         self.batch_verdicts = batch_verdicts
         self.max_held = max_held
@@ -85,21 +105,23 @@ class Shell:
                addresses: tuple[str | None, ...] = ()) -> VmPath:
         """Register a VM; ``addresses`` tell its downlink packets routed onto its bridge. Its
         queues are bound by ``bind`` (shared by all the shell's VMs)."""
-        path = self.engine.add_vm(name)
-        self.classifier.add(interface, path, addresses)
-        self.queues[name] = (uplink_queue, downlink_queue)
-        self.interfaces[name] = interface
-        self.errors[name] = 0
+        with self.lock:
+            path = self.engine.add_vm(name)
+            self.classifier.add(interface, path, addresses)
+            self.queues[name] = (uplink_queue, downlink_queue)
+            self.interfaces[name] = interface
+            self.errors[name] = 0
         return path
 
     def remove_vm(self, name: str) -> None:
         """Forget a VM: its packets are no longer classified. Packets it has held are still
         released on time (the heap keeps its path)."""
-        self.classifier.remove(self.interfaces.pop(name))
-        self.engine.paths.pop(name, None)
-        self.queues.pop(name, None)
-        self.errors.pop(name, None)
-        self.faults.pop(name, None)
+        with self.lock:
+            self.classifier.remove(self.interfaces.pop(name))
+            self.engine.paths.pop(name, None)
+            self.queues.pop(name, None)
+            self.errors.pop(name, None)
+            self.faults.pop(name, None)
 
     def set_queues(self, name: str, uplink_queue: int, downlink_queue: int) -> None:
         """The queues ``name``'s packets are steered to (the owner installs the rules)."""
@@ -121,10 +143,13 @@ class Shell:
 
     def set_indexes(self, indexes: dict[str, int]) -> bool:
         """The kernel's interface name → index map (read by the owner); whether anything changed."""
-        return self.classifier.set_indexes(indexes)
+        with self.lock:
+            return self.classifier.set_indexes(indexes)
 
-    def set_skin(self, name: str, skin: CompiledSkin, generation: int) -> None:
-        self.paths[name].set_skin(skin, generation)
+    def set_skin(self, name: str, skin: CompiledSkin, generation: int, timeline=None) -> None:
+        """Swap ``name``'s skin: in force for its next packet when this returns."""
+        with self.lock:
+            self.paths[name].set_skin(skin, generation, timeline)
 
     # -- packets ------------------------------------------------------------------------------
 
@@ -239,7 +264,14 @@ class Shell:
             log.warning("%d packet(s) from or to a device of no known VM (verdict by fail_mode=%s); "
                         "reading the interface indexes again", self.unclassified,
                         "open" if self.fail_open else "closed")
-        self.indexes_wanted.set()
+        if self._token is None:  # not running (tests call the handlers directly)
+            self.indexes_wanted.set()
+        elif not self._indexes_asked:  # one request in flight to the owner's loop at a time
+            self._indexes_asked = True
+            try:
+                self._token.run_sync_soon(self._ask_indexes)
+            except trio.RunFinishedError:
+                pass
         try:
             if self.fail_open:
                 packet.accept()
@@ -294,43 +326,88 @@ class Shell:
     # -- running ------------------------------------------------------------------------------
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for queue in self._queues:
-                nursery.start_soon(queue.serve)
-            nursery.start_soon(self._release_loop)
+        """Serve the bound queues on the data-path thread until cancelled; an error that ends the
+        thread is raised here."""
+        self._token = trio.lowlevel.current_trio_token()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        ended = trio.Event()
+        failure: list[BaseException] = []
+        stop_read, stop_write = os.pipe()
+        thread = threading.Thread(target=self._serve, args=(stop_read, ended, failure),
+                                  name="netskin-data", daemon=True)
+        thread.start()
+        try:
             task_status.started()
+            await ended.wait()
+            raise RuntimeError("the data path stopped") from (failure[0] if failure else None)
+        finally:
+            os.write(stop_write, b"x")
+            thread.join()  # it finishes the wake-up at hand: a batch of packets at most
+            os.close(stop_read)
+            os.close(stop_write)
+            self._token = None
 
-    async def _release_loop(self) -> None:
-        engine = self.engine
-        timer = self._timer
-        rand = self._random
-        while True:
-            await timer.wait()
+    def _serve(self, stop_fd: int, ended: trio.Event, failure: list) -> None:
+        """The data-path thread: wait in epoll (without the GIL), handle under ``lock``."""
+        poller = select.epoll()
+        handlers = {}
+        for queue in self._queues:
+            handlers[queue.fd] = queue.drain
+        handlers[self._timer.fd] = self._release
+        for fd in (*handlers, stop_fd):
+            poller.register(fd, select.EPOLLIN)
+        poll, lock = poller.poll, self.lock
+        try:
+            while True:
+                events = poll()
+                with lock:
+                    for fd, _ in events:
+                        if fd == stop_fd:
+                            return
+                        handlers[fd]()
+        except BaseException as exc:  # noqa: BLE001 - handed to run(), which raises it
+            failure.append(exc)
+        finally:
+            poller.close()
             try:
-                now = monotonic_ns()
-                due = engine.on_wakeup(now + RELEASE_AHEAD_NS, rand, now)
-            except Exception as exc:  # noqa: BLE001
-                self._on_error("(release)", None, exc)
-                due = []
-            for packet, verdict in due:
-                try:
-                    if verdict is ACCEPT:
-                        packet.accept()
-                    else:
-                        packet.drop()
-                except Exception:  # noqa: BLE001 - verdicted already (after an error) or queue gone
-                    pass
-            self._rearm()
+                self._token.run_sync_soon(ended.set)
+            except trio.RunFinishedError:
+                pass
+
+    def _ask_indexes(self) -> None:  # in the owner's loop
+        self._indexes_asked = False
+        self.indexes_wanted.set()
+
+    def _release(self) -> None:
+        """The timer fired: verdict the held packets that are due, arm it for the next."""
+        self._timer.expire()
+        engine = self.engine
+        try:
+            now = monotonic_ns()
+            due = engine.on_wakeup(now + RELEASE_AHEAD_NS, self._random, now)
+        except Exception as exc:  # noqa: BLE001
+            self._on_error("(release)", None, exc)
+            due = []
+        for packet, verdict in due:
+            try:
+                if verdict is ACCEPT:
+                    packet.accept()
+                else:
+                    packet.drop()
+            except Exception:  # noqa: BLE001 - verdicted already (after an error) or queue gone
+                pass
+        self._rearm()
 
     def release_all(self) -> int:
         """Verdict every held packet now (on shutdown: a stopped daemon must not eat packets)."""
         released = 0
-        for packet in self.engine.release_all():
-            try:
-                packet.accept()
-                released += 1
-            except RuntimeError:
-                break  # the queue is already gone; the kernel dropped what it held
+        with self.lock:
+            for packet in self.engine.release_all():
+                try:
+                    packet.accept()
+                    released += 1
+                except RuntimeError:
+                    break  # the queue is already gone; the kernel dropped what it held
         return released
 
     def close(self) -> None:

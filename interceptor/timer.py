@@ -1,11 +1,10 @@
-"""A nanosecond timer the trio loop can await: Linux timerfd through ctypes.
+"""A nanosecond timer for the data path's epoll: Linux timerfd through ctypes.
 
-trio's own sleeps end in ``epoll_wait`` with the timeout rounded up to whole milliseconds, so a
-packet released by ``trio.sleep_until`` is up to 1 ms late. A timerfd armed at an absolute
-``CLOCK_MONOTONIC`` time becomes readable at that nanosecond and wakes the same epoll, so the
-delay line's error is the scheduler's wake-up latency, not the millisecond grid. CLOCK_MONOTONIC
-is the clock behind ``time.monotonic_ns()``, which the shell passes to the engine.
-"""
+An epoll (or a trio sleep) times out in whole milliseconds, so a packet released on such a
+timeout is up to 1 ms late. A timerfd armed at an absolute ``CLOCK_MONOTONIC`` time becomes
+readable at that nanosecond and wakes the same epoll as the queues, so the delay line's error is
+the scheduler's wake-up latency, not the millisecond grid. CLOCK_MONOTONIC is the clock behind
+``time.monotonic_ns()``, which the shell passes to the engine."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import ctypes
 import ctypes.util
 import os
 
-import trio
 
 _CLOCK_MONOTONIC = 1
 _TFD_NONBLOCK = 0o4000
@@ -69,16 +67,14 @@ class TimerFd:
         _libc.timerfd_settime(self.fd, 0, self._spec_ref, None)
         self.armed_ns = 0
 
-    async def wait(self) -> None:
-        """Wait until the timer fires (spurious wake-ups are possible; callers re-check time)."""
-        await trio.lowlevel.wait_readable(self.fd)
+    def expire(self) -> None:
+        """Take the expiry that made the fd readable (none if it was re-armed since)."""
         try:
             os.read(self.fd, 8)
         except BlockingIOError:
-            pass  # re-armed between readiness and read: nothing expired yet
+            pass
 
     def close(self) -> None:
         if self.fd >= 0:
-            trio.lowlevel.notify_closing(self.fd)
             os.close(self.fd)
             self.fd = -1

@@ -39,7 +39,7 @@ def shell(request):
     s.add_vm("port", "tap-b", 7700, 7701, addresses=("10.77.100.3", "fd77:100::3"))
     s.set_indexes({"lo": 1, "br0": 5, "tap-a": 7, "tap-b": 8})
     yield s
-    s.injector.close()  # (the timerfd closes through trio, which this test does not run)
+    s.close()
 
 
 def packets(shell, vm: str, direction: str) -> int:
