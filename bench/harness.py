@@ -84,6 +84,23 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of every thread of the process and its live descendants: how
+    often they went to sleep waiting (for a packet, a timer), so about how often they woke."""
+    total, pending = 0, [pid]
+    while pending:
+        proc = pending.pop()
+        try:
+            for task in Path(f"/proc/{proc}/task").iterdir():
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+            pending.extend(_children(proc))
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # ended between the listing and the read
+    return total
+
+
 class Harness:
     def __init__(self, lab: Lab, workdir: Path) -> None:
         self.lab = lab

@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import jitter, tcp
-from bench.harness import Harness, tree_cpu_seconds
+from bench.harness import Harness, tree_cpu_seconds, wakeups
 from bench.pause import PausePlan, measure_pause
 from bench.trace import TracePlan, measure_trace
 from bench.stats import binomial_interval, median, percentile
@@ -140,13 +140,15 @@ def measure_cpu(h: Harness, pid: int, plan: Plan, pps: int | None = None) -> dic
     """CPU µs per queued packet of process pid at ``pps`` (default plan.cpu_pps; median of repeats)."""
     runs = []
     for _ in range(plan.cpu_repeats):
-        cpu0, queues0 = tree_cpu_seconds(pid), h.queue_counters()
+        cpu0, queues0, woke0 = tree_cpu_seconds(pid), h.queue_counters(), wakeups(pid)
         flood = h.udp_flood(pps or plan.cpu_pps, plan.cpu_seconds)
-        cpu1, queues1 = tree_cpu_seconds(pid), h.queue_counters()
+        cpu1, queues1, woke1 = tree_cpu_seconds(pid), h.queue_counters(), wakeups(pid)
         queued = sum(c.queued - queues0[q].queued for q, c in queues1.items() if q in queues0)
         runs.append({"cpu_us_per_packet": 1e6 * (cpu1 - cpu0) / queued if queued else math.nan,
+                     "packets_per_wakeup": queued / (woke1 - woke0) if woke1 > woke0 else math.nan,
                      "queued": queued, "cpu_s": cpu1 - cpu0, "loss": flood["loss"]})
-    return {"cpu_us_per_packet": median([r["cpu_us_per_packet"] for r in runs]), "cpu_runs": runs}
+    return {"cpu_us_per_packet": median([r["cpu_us_per_packet"] for r in runs]),
+            "packets_per_wakeup": median([r["packets_per_wakeup"] for r in runs]), "cpu_runs": runs}
 
 
 def sweep(h: Harness, plan: Plan, flood=None) -> dict:
@@ -569,6 +571,35 @@ def _rate(kbps: float, unit_of: float | None = None) -> str:
     return f"{kbps:.4g} kbit/s"
 
 
+def _per_wakeup(entry: dict) -> str:
+    value = entry.get("packets_per_wakeup", math.nan)
+    return "—" if math.isnan(value) else f"{value:.1f}"
+
+
+def print_cpu_at_rates(speed: dict, plan: Plan) -> None:
+    """Pass-through CPU per packet at each measured rate, with the packets each wake-up found."""
+    bare, daemon = speed["bare_loop"], speed.get("daemon")
+    if daemon is None:
+        return
+    at = {plan.cpu_pps: (bare, daemon)}
+    at.update({float(pps): (bare["cpu_at"][pps], daemon["cpu_at"][pps])
+               for pps in set(bare.get("cpu_at", {})) & set(daemon.get("cpu_at", {}))})
+    table = Table(title="Pass-through CPU per packet by rate", title_justify="left",
+                  caption="Packets per wake-up: packets queued / voluntary context switches of every thread of "
+                          "the queue process. A process that wakes for every packet pays the wake-up (the "
+                          "scheduler, cold caches) per packet; one that finds several waiting shares it.",
+                  caption_justify="left")
+    for column in ("pkt/s", "bare µs/pkt", "bare pkts/wake-up", "daemon µs/pkt", "daemon pkts/wake-up",
+                   "× bare"):
+        table.add_column(column, justify="right")
+    for pps in sorted(at, key=float):
+        b, d = at[pps]
+        table.add_row(_pps(float(pps)), f"{b['cpu_us_per_packet']:.1f}", _per_wakeup(b),
+                      f"{d['cpu_us_per_packet']:.1f}", _per_wakeup(d),
+                      f"{d['cpu_us_per_packet'] / b['cpu_us_per_packet']:.2f}")
+    out.print(table)
+
+
 def print_tables(results: Results, plan: Plan) -> None:
     speed, fidelity = results.speed, results.fidelity
     bare = speed["bare_loop"]
@@ -597,6 +628,7 @@ def print_tables(results: Results, plan: Plan) -> None:
             f"{100 * rate / bare['max_pps']:.0f} %" if rate is not None and key != "no_queue" else "—",
         )
     out.print(table)
+    print_cpu_at_rates(speed, plan)
 
     table = Table(title=f"RTT: UDP echo vm1 ↔ inet at {plan.rtt_pps} pkt/s", title_justify="left",
                   caption=f"median of {plan.rtt_repeats} runs of {plan.rtt_seconds:g} s", caption_justify="left")
