@@ -78,6 +78,7 @@ class Daemon:
                             shared_uplink=bool(config.host_uplink_kbps), nice=config.data_path_nice,
                             fail_open=config.fail_mode == "open", host_uplink_kbps=config.host_uplink_kbps,
                             max_held=config.max_held_packets, batch_verdicts=config.batch_verdicts,
+                            slice_us=config.data_path_slice_us,
                             fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
         # The VMs the daemon steers: the host config's [vms.*], and the libvirt VMs of running
         # domains as they come and go (interceptor.vmset; ``libvirt_vms`` holds their entries).

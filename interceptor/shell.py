@@ -13,20 +13,31 @@ fds and the timerfd, so a wake-up costs a system call and a few lines of Python,
 the trio scheduler (about 45 µs here, which at a few packets per wake-up was most of a packet's
 cost). The trio side (``run``) starts and stops that thread; everything else the owner does to
 the engine (VMs, skins, indexes, counters it takes) happens under ``lock``, which the data path
-holds while it handles one wake-up's packets. A packet whose handling raises is verdicted by ``fail_mode`` and counted; the daemon keeps serving. So is a packet of a device the shell does
+holds while it handles one wake-up's packets. A packet whose handling raises is verdicted by
+``fail_mode`` and counted; the daemon keeps serving. So is a packet of a device the shell does
 not know (counted as ``unclassified``): the owner then reads the interface indexes again
 (``indexes_wanted``), since a recreated tap comes back with a new index.
+
+A packet's time is when the kernel queued it, not when the data path read it: the kernel stamps
+each packet it hands to a queue (the shell keeps a socket with ``SO_TIMESTAMPNS`` open so it does
+so on every host), and the engine gets the monotonic clock less the packet's age. So a delay is
+counted from the packet's arrival and a late wake-up of the data path (a busy CPU) does not
+add to it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import platform
 import random
 import select
+import socket
+import struct
 import sys
 import threading
-from time import monotonic_ns
+from time import monotonic_ns, time_ns
 from typing import Any, Callable
 
 import trio
@@ -50,10 +61,34 @@ RELEASE_AHEAD_NS = 40_000
 # yet read, so the engine's own cap (drop reason "overflow") is reached before the kernel's.
 KERNEL_QUEUE_HEADROOM = 1024
 
+# A packet's kernel stamp is used as its arrival time when its age is in [0, this): outside it
+# the wall clock was stepped between the stamp and the read, and the read time is used.
+STAMP_MAX_AGE_NS = 1_000_000_000
+
 # Other threads (the trio loop, the daemon's worker threads for compiles and state writes) hold
 # the GIL for up to the switch interval before the data path gets it back: 5 ms by default,
 # which showed as release-lateness spikes while skins were being rewritten.
 SWITCH_INTERVAL_S = 0.0005
+
+
+SCHED_SETATTR = {"x86_64": 314, "aarch64": 274, "riscv64": 274, "ppc64le": 355, "s390x": 345}
+
+
+def request_slice(slice_ns: int) -> str | None:
+    """Ask the scheduler for this slice for the calling thread (sched_setattr's sched_runtime of a
+    SCHED_OTHER thread, which EEVDF reads as the slice, Linux 6.12+); keeps its niceness. Returns
+    None, or why it could not."""
+    number = SCHED_SETATTR.get(platform.machine())
+    if number is None:
+        return f"no sched_setattr number known for {platform.machine()}"
+    # struct sched_attr (version 1, 56 bytes): size, policy, flags, nice, priority, runtime,
+    # deadline, period, util_min, util_max.
+    attr = ctypes.create_string_buffer(struct.pack(
+        "IIQiIQQQII", 56, os.SCHED_OTHER, 0, os.getpriority(os.PRIO_PROCESS, 0), 0, slice_ns, 0, 0, 0, 0), 56)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, threading.get_native_id(), attr, 0) != 0:
+        return os.strerror(ctypes.get_errno())
+    return None
 
 
 class Shell:
@@ -67,8 +102,10 @@ class Shell:
         seed: int | None = None,
         fault_injection: bool = False,
         batch_verdicts: bool = True,
+        slice_us: int = 0,
     ) -> None:
         self.fail_open = fail_open
+        self.slice_us = slice_us  # the data-path thread's scheduler slice (0: the kernel's)
         # Held by the data-path thread while it handles a wake-up; by the owner while it changes
         # the engine (re-entrant: an owner's locked block may call the locked methods below).
         self.lock = threading.RLock()
@@ -90,6 +127,10 @@ class Shell:
         self._error_kinds: set[tuple[str, str]] = set()  # logged once each
         self._queues: list[Queue] = []
         self._timer = TimerFd()
+        # While a socket asks for receive timestamps the kernel stamps every packet it queues
+        # (NFQA_TIMESTAMP): the packets' arrival times (see the module's docstring).
+        self._stamps = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._stamps.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_TIMESTAMPNS", 35), 1)
         self._random = random.Random(seed).random
         self.injector = Injector()
         self.fault_injection = fault_injection
@@ -175,6 +216,17 @@ class Shell:
         fault_injection = self.fault_injection
         later = queue.accept_later if queue is not None and self.batch_verdicts and no_link else None
         full_copy = SEGMENT_COPY_BYTES
+        max_age = STAMP_MAX_AGE_NS
+
+        def arrival(packet) -> int:
+            """Monotonic ns when the kernel queued the packet (now, if it has no usable stamp)."""
+            now = monotonic_ns()
+            stamp = packet.get_timestamp()
+            if stamp:
+                age = time_ns() - int(stamp * 1e9)
+                if 0 <= age < max_age:
+                    return now - age
+            return now
 
         def verdict_of(packet, verdict) -> None:
             if verdict is ACCEPT:
@@ -205,12 +257,12 @@ class Shell:
                         data = packet.get_payload()
                         size = real_length(data)
                         verdict = path.on_uplink(packet, size, data if path.needs_payload_up else None,
-                                                 monotonic_ns(), rand)
+                                                 arrival(packet), rand)
                         if size > len(data) and verdict.__class__ is Rewrite:
                             verdict = verdict.then  # never rewrite what was copied in part
                     else:
                         verdict = path.on_uplink(packet, size, packet.get_payload() if path.needs_payload_up else None,
-                                                 monotonic_ns(), rand)
+                                                 arrival(packet), rand)
                     if verdict is ACCEPT:  # the common case
                         if later is not None and not held:
                             later(packet.id)
@@ -238,13 +290,13 @@ class Shell:
                         data = packet.get_payload()
                         size = real_length(data)
                         verdict = path.on_downlink(packet, size, data if path.needs_payload_down else None,
-                                                   monotonic_ns(), rand)
+                                                   arrival(packet), rand)
                         if size > len(data) and verdict.__class__ is Rewrite:
                             verdict = verdict.then  # never rewrite what was copied in part
                     else:
                         verdict = path.on_downlink(packet, size,
                                                    packet.get_payload() if path.needs_payload_down else None,
-                                                   monotonic_ns(), rand)
+                                                   arrival(packet), rand)
                     if verdict is ACCEPT:
                         if later is not None and not held:
                             later(packet.id)
@@ -349,6 +401,11 @@ class Shell:
 
     def _serve(self, stop_fd: int, ended: trio.Event, failure: list) -> None:
         """The data-path thread: wait in epoll (without the GIL), handle under ``lock``."""
+        if self.slice_us:
+            problem = request_slice(self.slice_us * 1000)
+            if problem:
+                log.warning("data path slice %d µs not set (%s); it runs with the kernel's default",
+                            self.slice_us, problem)
         poller = select.epoll()
         handlers = {}
         for queue in self._queues:
@@ -415,6 +472,7 @@ class Shell:
             queue.close()
         self._queues.clear()
         self._timer.close()
+        self._stamps.close()
         self.injector.close()
 
     @property

@@ -21,6 +21,9 @@ class FakePacket:
     def get_payload(self) -> bytes:
         return self.payload
 
+    def get_timestamp(self) -> float:
+        return 0.0  # no kernel stamp: the shell uses the time it read the packet
+
     def accept(self) -> None:
         self.verdict = "accept"
 
