@@ -18,11 +18,12 @@ holds while it handles one wake-up's packets. A packet whose handling raises is 
 not know (counted as ``unclassified``): the owner then reads the interface indexes again
 (``indexes_wanted``), since a recreated tap comes back with a new index.
 
-A packet's time is when the kernel queued it, not when the data path read it: the kernel stamps
-each packet it hands to a queue (the shell keeps a socket with ``SO_TIMESTAMPNS`` open so it does
-so on every host), and the engine gets the monotonic clock less the packet's age. So a delay is
-counted from the packet's arrival and a late wake-up of the data path (a busy CPU) does not
-add to it.
+An uplink packet's time is when it reached the host, not when the data path read it: the kernel
+stamps each packet it receives (the shell keeps a socket with ``SO_TIMESTAMPNS`` open so it does
+so on every host) and hands the stamp to the queue with it, and the engine gets the monotonic
+clock less the packet's age. So its delay counts from its arrival and a late wake-up of the data
+path (a busy CPU) does not add to it. A downlink packet is queued after the host forwarded it,
+which clears the stamp: its time is when it was read.
 """
 
 from __future__ import annotations

@@ -50,6 +50,36 @@ print("ready", flush=True)
 queues[0].run()
 """
 
+# With the shell's stamping socket open (interceptor.shell.Shell), accepts each packet of the
+# queues given and writes [queue, kernel stamp, wall clock at read] of each to a JSON file.
+STAMP_LOOP = r"""
+import json, os, sys, threading, time
+from netfilterqueue import NetfilterQueue
+from interceptor.shell import Shell
+path, numbers = sys.argv[1], [int(n) for n in sys.argv[2:]]
+shell = Shell(fail_open=True)  # keeps a socket with SO_TIMESTAMPNS open, as the daemon does
+seen, lock = [], threading.Lock()
+def recording(number):
+    def record(packet):
+        stamp, read = packet.get_timestamp(), time.time()
+        packet.accept()
+        with lock:
+            seen.append([number, stamp, read])
+            with open(path + ".tmp", "w") as f:
+                json.dump(seen, f)
+            os.replace(path + ".tmp", path)
+    return record
+queues = []
+for number in numbers:
+    queue = NetfilterQueue()
+    queue.bind(number, recording(number))
+    queues.append(queue)
+for queue in queues[1:]:
+    threading.Thread(target=queue.run, daemon=True).start()
+print("ready", flush=True)
+queues[0].run()
+"""
+
 # TCP listeners (accept and close) and UDP echo on each port given, IPv4 and IPv6.
 LISTENER = r"""
 import socket, sys, threading
@@ -222,6 +252,25 @@ def test_a_host_drop_rule_added_after_install_still_drops_queued_traffic(owned, 
         assert queue_counts(tmp_path)[UP] > counts[UP]  # ...after the queue accepted it
         # The same datagram over IPv6 has no host rule against it and passes.
         assert udp(lab, "vm1", lab.inet_address6, lab.echo_port) == b"hello"
+
+
+def test_queued_packets_carry_the_kernels_arrival_stamp(owned, tmp_path):
+    """The engine counts a delay from the kernel's stamp (interceptor.shell): the uplink queue
+    (mangle PREROUTING) must deliver one with every packet, close to the time it was read. The
+    downlink queue sees packets after forwarding, which clears the stamp: it falls back to the
+    read time, so nothing is asserted of it."""
+    lab = owned
+    in_hv(lab, rules.install, [vm1(lab)], False)
+    path = tmp_path / "stamps.json"
+    with ready_script(lab, "hv", STAMP_LOOP, str(path), str(UP), str(DOWN)):
+        for _ in range(3):
+            assert udp(lab, "vm1", lab.inet_address, lab.echo_port) == b"hello"
+        seen = json.loads(path.read_text())
+    uplink = [(stamp, read) for queue, stamp, read in seen if queue == UP]
+    assert len(uplink) >= 3
+    for stamp, read in uplink:
+        assert stamp > 0, "an uplink packet queued without NFQA_TIMESTAMP"
+        assert 0 <= read - stamp < 1.0, (stamp, read)
 
 
 def test_marks_of_other_tools_are_left_alone(owned, tmp_path):

@@ -1,5 +1,6 @@
-"""A packet's time is when the kernel queued it (its NFQA_TIMESTAMP), not when the data path
-read it: a delay is counted from the arrival, and an unusable stamp falls back to the read time."""
+"""A packet's time is the kernel's stamp (its NFQA_TIMESTAMP: an uplink packet's arrival at the
+host), not when the data path read it: a delay is counted from the arrival, and an unusable
+stamp falls back to the read time."""
 
 from __future__ import annotations
 
