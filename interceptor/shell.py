@@ -128,8 +128,8 @@ class Shell:
         self._error_kinds: set[tuple[str, str]] = set()  # logged once each
         self._queues: list[Queue] = []
         self._timer = TimerFd()
-        # While a socket asks for receive timestamps the kernel stamps every packet it queues
-        # (NFQA_TIMESTAMP): the packets' arrival times (see the module's docstring).
+        # While a socket asks for receive timestamps the kernel stamps every packet it receives
+        # and queues the stamp with it (NFQA_TIMESTAMP): arrival times (see the module's docstring).
         self._stamps = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._stamps.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_TIMESTAMPNS", 35), 1)
         self._random = random.Random(seed).random
@@ -220,7 +220,7 @@ class Shell:
         max_age = STAMP_MAX_AGE_NS
 
         def arrival(packet) -> int:
-            """Monotonic ns when the kernel queued the packet (now, if it has no usable stamp)."""
+            """Monotonic ns when the host received the packet (now, if it has no usable stamp)."""
             now = monotonic_ns()
             stamp = packet.get_timestamp()
             if stamp:
