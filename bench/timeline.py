@@ -103,12 +103,17 @@ def one_way_stream(lab, seconds: float, rate_pps: float = 1000, src: str = "vm1"
                     if seq < count:
                         delivered[seq] = True
 
+        # Send times are wall-clock ns read once here and advanced by the monotonic clock: the
+        # daemon turns a timeline's wall-clock start into a monotonic one when the skin is
+        # applied and runs the steps on that, so a wall clock corrected during the probe (a VM
+        # whose host steps its time) must not show as a timeline error.
+        wall_offset_ns = time.time_ns() - time.monotonic_ns()
         start = time.monotonic_ns()
         seq = 0
         while seq < count:
             now = time.monotonic_ns()
             while seq < count and now >= start + seq * interval_ns:
-                at = time.time_ns()
+                at = wall_offset_ns + time.monotonic_ns()
                 sent_ns[seq] = at
                 sender.send(HEADER.pack(seq, at) + bytes(36))
                 seq += 1
