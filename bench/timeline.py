@@ -105,8 +105,8 @@ def one_way_stream(lab, seconds: float, rate_pps: float = 1000, src: str = "vm1"
 
         # Send times are wall-clock ns read once here and advanced by the monotonic clock: the
         # daemon turns a timeline's wall-clock start into a monotonic one when the skin is
-        # applied and runs the steps on that, so a wall clock corrected during the probe (a VM
-        # whose host steps its time) must not show as a timeline error.
+        # applied and runs the steps on that, so a wall clock that moves against the monotonic
+        # one during the probe (it is stepped or corrected) must not show as a timeline error.
         wall_offset_ns = time.time_ns() - time.monotonic_ns()
         start = time.monotonic_ns()
         seq = 0
