@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -46,10 +47,18 @@ class QueueCounters:
 
 
 def machine_cpu_seconds() -> float:
-    """CPU time the whole machine has spent busy (all cores, all processes, softirqs included)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    """CPU time the whole machine has spent busy (all cores, all processes, softirqs included):
+    the monotonic clock times the online cores, less their idle and iowait time.
+
+    Not the sum of /proc/stat's busy fields: those are tick samples, and under a packet flood on
+    this kind of VM they were seen to read below the daemon's own CPU time (which the kernel
+    scales to the precise run time), while the idle time is kept exactly with NO_HZ."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    now = time.monotonic()
+    cores = sum(1 for line in lines if re.match(r"cpu\d+ ", line))
+    fields = [int(v) for v in lines[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLOCK_TICKS_PER_S
+    return now * cores - idle / CLOCK_TICKS_PER_S
 
 
 def cpu_seconds(pid: int) -> float:
