@@ -1,9 +1,12 @@
 """Benchmark row: the longest data-path pause while skin files are rewritten and applies run.
 
 A pause of the daemon's event loop shows as held packets released late. vm1 sends a steady UDP
-probe uplink through a skin with a constant delay; a receiver in inet takes kernel timestamps;
-both ends read the same clock, so each packet's one-way delay is exact. Lateness = one-way
-delay − the path's own delay without a skin (median) − the asked one-way delay. The probe runs
+probe uplink through a skin with a constant delay; the kernel stamps each datagram as it leaves
+vm1 (the sender's SCM_TSTAMP_SCHED) and as it reaches the receiver in inet; both stamps read the
+same clock, so each packet's one-way delay is exact. Lateness = one-way delay − the path's own
+delay without a skin (median) − the asked one-way delay. The same figures taken from the
+sender's clock read before its send call are kept beside them ("from_send_call"): those also
+count the sender's own waits between reading its clock and the packet leaving. The probe runs
 twice with the same skin: alone (the baseline), then while drop-in skin files are rewritten
 (hot reload) and ``netskin apply`` alternates between two skins with the same delay, so the
 asked delay never changes and any extra lateness is the control plane's work reaching the
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -85,29 +89,39 @@ def probe(h, plan: PausePlan, during) -> dict:
 
     ``during()`` returns the (start, end) CLOCK_REALTIME ns window whose packets count, or None
     for all of them (after the warm-up). The sender is stopped once it returns; loss is read
-    from the sequence numbers that arrived.
+    from the sequence numbers that arrived. Each packet's one-way delay is taken twice: from the
+    kernel's stamp as it left vm1 ("delays_ms", the wire) and from the sender's clock read just
+    before its send call ("app_delays_ms"), which also takes in any wait of the sender between
+    the two; without the kernel's stamps (a send failed) the first is the second.
     """
     receiver = h.python("inet", "bench.pause", "receive", f"{h.lab.inet_address}:{PROBE_PORT}",
                         "--idle", 1.0, "--timeout", MAX_PROBE_S + 30)
     h.wait_ready(receiver, "the pause probe receiver")
     sender = h.python("vm1", "bench.udp_tool", "send", f"{h.lab.inet_address}:{PROBE_PORT}",
-                      "--count", int(plan.rate_pps * MAX_PROBE_S), "--rate", plan.rate_pps, "--size", 64)
+                      "--count", int(plan.rate_pps * MAX_PROBE_S), "--rate", plan.rate_pps, "--size", 64,
+                      "--tx-stamps")
     try:
         time.sleep(plan.warmup_s)
         window = during()
         time.sleep(2 * ASKED_ONE_WAY_MS / 1000 + 0.2)  # the last counted packets are still held
+        sender.send_signal(signal.SIGTERM)  # it ends with its send stamps
+        sent = h.finish(sender, "the pause probe sender", 30)
     finally:
         h.stop(sender)
     got = h.finish(receiver, "the pause probe receiver", 30)
     if window is None:
         first_ns = min(got["sent_ns"], default=0) + int(plan.warmup_s * 1e9)
         window = (first_ns, max(got["sent_ns"], default=0))
-    delays_ms = {}
+    tx_ns = sent.get("tx_ns") or []
+    delays_ms, app_delays_ms = {}, {}
     for seq, sent_ns, received_ns in zip(got["seq"], got["sent_ns"], got["received_ns"]):
-        if window[0] <= sent_ns <= window[1]:
-            delays_ms.setdefault(seq, (received_ns - sent_ns) / 1e6)
+        if window[0] <= sent_ns <= window[1] and seq not in app_delays_ms:
+            app_delays_ms[seq] = (received_ns - sent_ns) / 1e6
+            wire_ns = tx_ns[seq] if seq < len(tx_ns) and tx_ns[seq] > 0 else sent_ns
+            delays_ms[seq] = (received_ns - wire_ns) / 1e6
     expected = max(delays_ms) - min(delays_ms) + 1 if delays_ms else 0
-    return {"delays_ms": list(delays_ms.values()), "lost": expected - len(delays_ms),
+    return {"delays_ms": list(delays_ms.values()), "app_delays_ms": list(app_delays_ms.values()),
+            "send_stamps": bool(tx_ns), "lost": expected - len(delays_ms),
             "window_s": (window[1] - window[0]) / 1e9}
 
 
@@ -180,7 +194,7 @@ def measure_pause(h, plan: PausePlan) -> dict:
     try:
         h.revert()
         base = probe(h, plan, lambda: time.sleep(plan.base_seconds))
-        base_ms = median(base["delays_ms"])
+        base_ms, base_app_ms = median(base["delays_ms"]), median(base["app_delays_ms"])
         h.request("apply", vm="vm1", skin=SKIN_A["name"])
         # A plain timer loop in its own process beside each probe: how late the machine itself
         # wakes a timer, apart from anything the daemon does.
@@ -198,10 +212,14 @@ def measure_pause(h, plan: PausePlan) -> dict:
         "rate_pps": plan.rate_pps,
         "asked_one_way_ms": ASKED_ONE_WAY_MS,
         "path_one_way_ms": base_ms,
+        "path_one_way_from_send_call_ms": base_app_ms,
+        "send_stamps": base["send_stamps"] and baseline["send_stamps"] and under_churn["send_stamps"],
         "baseline": {**lateness(baseline["delays_ms"], base_ms), "lost": baseline["lost"],
-                     "window_s": baseline["window_s"], "timer_probe": baseline["timer_probe"]},
+                     "window_s": baseline["window_s"], "timer_probe": baseline["timer_probe"],
+                     "from_send_call": lateness(baseline["app_delays_ms"], base_app_ms)},
         "churn": {**lateness(under_churn["delays_ms"], base_ms), "lost": under_churn["lost"],
                   "window_s": under_churn["window_s"], "timer_probe": under_churn["timer_probe"],
+                  "from_send_call": lateness(under_churn["app_delays_ms"], base_app_ms),
                   "file_rewrites": churn.rewrites,
                   "applies": len(churn.apply_seconds), "apply_failures": churn.apply_failures,
                   "apply_s_median": median(churn.apply_seconds) if churn.apply_seconds else None},

@@ -3,12 +3,13 @@
 Runs as its own process inside a lab namespace (``ip netns exec NS python -m bench.udp_tool ...``)
 and prints one JSON object on stdout when done. Receive times are the kernel's (SO_TIMESTAMPNS,
 CLOCK_REALTIME), so a late wake-up of this process does not show up as network delay; send times
-are taken with the same clock just before ``send``.
+are taken with the same clock just before ``send`` and, with ``--tx-stamps``, by the kernel as the
+datagram enters the device layer, so a wait of the sender between the two does not either.
 
     udp_tool reflect 10.77.0.2:9100
     udp_tool rtt 10.77.0.2:9100 --rate 1000 --seconds 3
     udp_tool count 10.77.0.2:9101 --idle 1.0 --timeout 30     (prints "ready" first)
-    udp_tool send 10.77.0.2:9101 --count 10000 --rate 5000 --size 64
+    udp_tool send 10.77.0.2:9101 --count 10000 --rate 5000 --size 64 [--tx-stamps]
 """
 
 from __future__ import annotations
@@ -30,6 +31,49 @@ BUFFER_BYTES = 8 << 20
 SO_TIMESTAMPNS = 35  # Linux (asm-generic); the socket module does not export it
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 _CMSG_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
+
+
+SO_TIMESTAMPING = 37  # Linux (asm-generic)
+SOF_TIMESTAMPING_SOFTWARE = 1 << 4
+SOF_TIMESTAMPING_OPT_ID = 1 << 7
+SOF_TIMESTAMPING_TX_SCHED = 1 << 8
+SOF_TIMESTAMPING_OPT_TSONLY = 1 << 11
+SCM_TSTAMP_SCHED = 1
+IP_RECVERR = 11
+EXTENDED_ERR = struct.Struct("@IBBBBII")  # struct sock_extended_err: ..., ee_info, ee_data
+
+
+class TxStamps:
+    """The kernel's stamp of each datagram sent on ``sock`` as it enters the device layer
+    (SCM_TSTAMP_SCHED, CLOCK_REALTIME): when the packet leaves the sender, after any wait of the
+    sender's between reading its clock and the send. Stamps are keyed by send call, from 0."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING,
+                        SOF_TIMESTAMPING_TX_SCHED | SOF_TIMESTAMPING_SOFTWARE
+                        | SOF_TIMESTAMPING_OPT_ID | SOF_TIMESTAMPING_OPT_TSONLY)
+        self.sock = sock
+        self.ns = array.array("q")  # by key; -1: no stamp came back
+
+    def drain(self) -> None:
+        """Take every stamp waiting on the socket's error queue."""
+        while True:
+            try:
+                _, ancdata, _, _ = self.sock.recvmsg(0, 256, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            stamp = key = None
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING:
+                    seconds, nanoseconds = TIMESPEC.unpack_from(data)
+                    stamp = seconds * 1_000_000_000 + nanoseconds
+                elif level == socket.SOL_IP and kind == IP_RECVERR:
+                    _, _, _, _, _, info, data_ = EXTENDED_ERR.unpack_from(data)
+                    key = data_ if info == SCM_TSTAMP_SCHED else None
+            if stamp is not None and key is not None:
+                if key >= len(self.ns):
+                    self.ns.extend([-1] * (key + 1 - len(self.ns)))
+                self.ns[key] = stamp
 
 
 def _address(spec: str) -> tuple[str, int]:
@@ -110,10 +154,16 @@ def rtt(target: str, rate_pps: float, seconds: float, size: int, grace_s: float)
             "rtt_us": [None if v is None else v / 1000 for v in rtt_ns]}
 
 
-def send(target: str, count: int, rate_pps: float, size: int) -> dict:
-    """Send count numbered datagrams of size payload bytes, paced at rate_pps (batched per tick)."""
+def send(target: str, count: int, rate_pps: float, size: int, tx_stamps: bool = False) -> dict:
+    """Send count numbered datagrams of size payload bytes, paced at rate_pps (batched per tick).
+
+    ``tx_stamps``: also report each datagram's kernel send stamp (``TxStamps``; "tx_ns", by
+    sequence number, -1 where none came back), and stop on SIGTERM with the result so far."""
     sock = _socket()
     sock.connect(_address(target))
+    stamps = TxStamps(sock) if tx_stamps else None
+    if stamps:
+        _stop_on_sigterm()
     padding = bytes(max(0, size - HEADER.size))
     interval_s = 1.0 / rate_pps
     min_sleep_s = 0.0002  # above 5k pps send small batches instead of sleeping per packet
@@ -121,20 +171,34 @@ def send(target: str, count: int, rate_pps: float, size: int) -> dict:
     errors = 0
     start = time.monotonic()
     sent = 0
-    while sent < count:
-        due = min(count, int((time.monotonic() - start) * rate_pps) + 1)
-        while sent < due:
-            try:
-                send_(pack(sent, time.time_ns()) + padding)
-            except OSError:  # ENOBUFS and the like: the datagram is lost before the path under test
-                errors += 1
-            sent += 1
-        next_s = start + sent * interval_s
-        delay = next_s - time.monotonic()
-        if delay > 0:
-            time.sleep(max(delay, min_sleep_s))
+    try:
+        while sent < count:
+            due = min(count, int((time.monotonic() - start) * rate_pps) + 1)
+            while sent < due:
+                try:
+                    send_(pack(sent, time.time_ns()) + padding)
+                except OSError:  # ENOBUFS and the like: the datagram is lost before the path under test
+                    errors += 1
+                sent += 1
+            if stamps:
+                stamps.drain()
+            next_s = start + sent * interval_s
+            delay = next_s - time.monotonic()
+            if delay > 0:
+                time.sleep(max(delay, min_sleep_s))
+    except SystemExit:
+        if not stamps:
+            raise
+    if stamps:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the result is on its way
     elapsed = time.monotonic() - start
-    return {"sent": sent, "send_errors": errors, "seconds": elapsed, "size": size}
+    result = {"sent": sent, "send_errors": errors, "seconds": elapsed, "size": size}
+    if stamps:
+        time.sleep(0.01)  # the last datagrams' stamps
+        stamps.drain()
+        # The kernel numbers send calls; with no failed send that is the sequence number.
+        result["tx_ns"] = stamps.ns.tolist() if not errors else []
+    return result
 
 
 def datagrams(bind: str, idle_s: float, timeout_s: float, bufsize: int = 65535):
@@ -210,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--tx-stamps", action="store_true",
+                   help="report each datagram's kernel send stamp; SIGTERM ends the run with its result")
     p = sub.add_parser("count")
     p.add_argument("bind")
     p.add_argument("--idle", type=float, default=1.0)
@@ -222,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "rtt":
         result = rtt(args.target, args.rate, args.seconds, args.size, args.grace)
     elif args.cmd == "send":
-        result = send(args.target, args.count, args.rate, args.size)
+        result = send(args.target, args.count, args.rate, args.size, args.tx_stamps)
     else:
         result = count(args.bind, args.idle, args.timeout, args.warmup)
     json.dump(result, sys.stdout)
