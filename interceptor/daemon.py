@@ -72,10 +72,11 @@ class Daemon:
         self.config = config
         self.store = AssignmentStore(Path(config.state_dir))
         self.library = SkinLibrary.for_config(config)
-        # Every engine worker's VMs in one view (interceptor.shards): worker 0 runs in this
-        # process, the others in child processes started at ``prepare``.
+        # Every engine worker's VMs in one view (interceptor.shards): child processes started at
+        # ``prepare`` (worker 0 in this process with ``isolate_data_path`` false or a shared uplink).
         self.shell = Shards(workers=config.worker_count, queue_numbers=config.queue_numbers, gso=config.gso,
                             shared_uplink=bool(config.host_uplink_kbps), nice=config.data_path_nice,
+                            isolate=config.isolate_data_path,
                             fail_open=config.fail_mode == "open", host_uplink_kbps=config.host_uplink_kbps,
                             max_held=config.max_held_packets, batch_verdicts=config.batch_verdicts,
                             slice_us=config.data_path_slice_us,

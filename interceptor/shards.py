@@ -1,10 +1,12 @@
 """Engine workers: the daemon's data path on every core.
 
 Each worker owns whole VMs (both directions), so a VM's state (pipes, held packets, timeline
-clock) never crosses processes. Worker 0 is the daemon's own ``Shell``; workers 1…N-1 are child
-processes (``python -m interceptor.shards``), each a ``Shell`` on its own two queue pairs
-(``HostConfig.queue_numbers(k)``). The daemon stays the one place that decides: it compiles skins,
-installs the rules and serves the control socket; ``Shards`` gives it one view of every VM.
+clock) never crosses processes. Every worker is a child process (``python -m interceptor.shards``),
+each a ``Shell`` on its own two queue pairs (``HostConfig.queue_numbers(k)``), so the daemon's
+own work (reloads, compiles, applies, the control socket) never holds a data path's GIL or its
+thread's place on a core. With ``isolate = False`` worker 0 is the daemon's own ``Shell``
+instead. The daemon stays the one place that decides: it compiles skins, installs the rules and
+serves the control socket; ``Shards`` gives it one view of every VM.
 
 A remote VM is seen through ``RemotePath``: a shadow ``VmPath`` that takes the same skins, clock
 and generation as the worker's (so ``skin``, ``generation`` and the timeline position are read
@@ -15,8 +17,8 @@ A worker that dies is started again with its VMs, their skins, generations and t
 sent *before* it binds its queues: its VMs' next packets meet their skins. In between its queues
 have no listener and the kernel applies ``fail_mode`` (closed: dropped; open: passed).
 
-With a shared host uplink (``host_uplink_kbps``) every VM stays in worker 0: the weighted link
-is one scheduler and its shares must see every VM's packets.
+With a shared host uplink (``host_uplink_kbps``) every VM stays in worker 0, in the daemon's
+process: the weighted link is one scheduler and its shares must see every VM's packets.
 """
 
 from __future__ import annotations
@@ -338,16 +340,19 @@ class RemoteWorker:
 
 class Shards:
     """Every engine worker, seen by the daemon as one shell: ``paths``, ``queues`` and
-    ``interfaces`` hold every VM; worker 0's ``Shell`` runs in this process."""
+    ``interfaces`` hold every VM. ``isolate``: every worker is a child process (``local``, this
+    process's ``Shell``, binds no queue); otherwise, and always with a shared uplink, worker 0's
+    ``Shell`` runs in this process."""
 
     def __init__(self, *, workers: int, queue_numbers: Callable[..., tuple[int, int]], gso: bool,
-                 shared_uplink: bool, nice: int = 0, **shell_options) -> None:
+                 shared_uplink: bool, nice: int = 0, isolate: bool = False, **shell_options) -> None:
         self.local = Shell(**shell_options)
         self.count = 1 if shared_uplink else workers
+        self.isolated = isolate and not shared_uplink
         self.queue_numbers = queue_numbers
         self.gso = gso
         remote_options = {key: value for key, value in shell_options.items() if key != "host_uplink_kbps"}
-        self.remotes = [RemoteWorker(k, remote_options, nice, queue_numbers, gso) for k in range(1, self.count)]
+        self.remotes = [RemoteWorker(k, remote_options, nice, queue_numbers, gso) for k in range(0 if self.isolated else 1, self.count)]
         self._shadows = Engine()  # the remote VMs' shadow paths: never see a packet
         self.paths: dict[str, Any] = {}
         self.queues: dict[str, tuple[int, int]] = {}
@@ -379,6 +384,12 @@ class Shards:
     def indexes_wanted(self, event: trio.Event) -> None:
         self.local.indexes_wanted = event
 
+    def _is_local(self, worker: int) -> bool:
+        return worker == 0 and not self.isolated
+
+    def _remote(self, worker: int) -> RemoteWorker:
+        return self.remotes[worker if self.isolated else worker - 1]
+
     def place(self, name: str) -> int:
         """The worker a new VM goes to: the one with the fewest VMs (0 on a tie)."""
         counts = [0] * self.count
@@ -388,10 +399,10 @@ class Shards:
 
     def add_vm(self, name: str, interface: str, uplink_queue: int, downlink_queue: int,
                addresses: tuple = (), worker: int = 0):
-        if worker == 0:
+        if self._is_local(worker):
             path = self.local.add_vm(name, interface, uplink_queue, downlink_queue, addresses=addresses)
         else:
-            remote = self.remotes[worker - 1]
+            remote = self._remote(worker)
             path = remote.paths[name] = RemotePath(self._shadows.add_vm(name), remote)
             remote.vm_args[name] = (interface, uplink_queue, downlink_queue, tuple(addresses))
             if remote.process is not None:
@@ -405,10 +416,10 @@ class Shards:
 
     def remove_vm(self, name: str) -> None:
         worker = self.worker_of.pop(name)
-        if worker == 0:
+        if self._is_local(worker):
             self.local.remove_vm(name)
         else:
-            remote = self.remotes[worker - 1]
+            remote = self._remote(worker)
             remote.paths.pop(name)
             remote.vm_args.pop(name)
             self._shadows.paths.pop(name, None)
@@ -420,7 +431,7 @@ class Shards:
     def set_skin(self, name: str, skin: CompiledSkin, generation: int, timeline=None) -> None:
         """Swap ``name``'s skin: in force in worker 0 on return, sent to any other worker
         (``settle`` waits for it there)."""
-        if self.worker_of[name] == 0:
+        if self._is_local(self.worker_of[name]):
             self.local.set_skin(name, skin, generation, timeline)
         else:
             self.paths[name].set_skin(skin, generation, timeline)
@@ -428,18 +439,19 @@ class Shards:
     def set_queues(self, name: str, uplink_queue: int, downlink_queue: int) -> None:
         self.queues[name] = (uplink_queue, downlink_queue)
         worker = self.worker_of[name]
-        if worker == 0:
+        if self._is_local(worker):
             self.local.set_queues(name, uplink_queue, downlink_queue)
         else:
-            remote = self.remotes[worker - 1]
+            remote = self._remote(worker)
             interface, _, _, addresses = remote.vm_args[name]
             remote.vm_args[name] = (interface, uplink_queue, downlink_queue, addresses)
 
     def bind(self, vms: int | None = None) -> None:
-        """Bind worker 0's queues here and start the other workers, each bound before it returns
+        """Bind worker 0's queues here (unless isolated) and start the child workers, each bound before it returns
         (blocking: called before the data path runs)."""
-        up, down = self.queue_numbers(0)
-        self.local.bind(up, down, vms=vms, gso_pair=tuple(self.queue_numbers(0, gso=True)) if self.gso else None)
+        if not self.isolated:
+            up, down = self.queue_numbers(0)
+            self.local.bind(up, down, vms=vms, gso_pair=tuple(self.queue_numbers(0, gso=True)) if self.gso else None)
         for remote in self.remotes:
             remote.room_vms = vms or 0
             remote.indexes = dict(self._indexes or {})
@@ -465,9 +477,9 @@ class Shards:
     async def settle(self, name: str) -> None:
         """Return once everything sent to ``name``'s worker is in force there."""
         worker = self.worker_of.get(name, 0)
-        if worker:
+        if not self._is_local(worker):
             try:
-                await self.remotes[worker - 1].call("ping")
+                await self._remote(worker).call("ping")
             except WorkerGone as exc:  # a restarted worker gets the state whole
                 log.warning("vm %s: %s", name, exc)
 
@@ -488,10 +500,10 @@ class Shards:
 
     def inject_faults(self, name: str, count: int) -> None:
         worker = self.worker_of[name]
-        if worker == 0:
+        if self._is_local(worker):
             self.local.faults[name] = count
         else:
-            self.remotes[worker - 1].post("fault", name=name, count=count)
+            self._remote(worker).post("fault", name=name, count=count)
 
     @property
     def errors(self) -> dict[str, int]:
@@ -510,8 +522,9 @@ class Shards:
         return self.local.unclassified + sum(remote.report.get("unclassified", 0) for remote in self.remotes)
 
     def workers_status(self) -> list[dict]:
-        out = [{"worker": 0, "pid": os.getpid(), "vms": sum(1 for w in self.worker_of.values() if w == 0),
-                "restarts": 0, "last_exit": None}]
+        out = [] if self.isolated else [
+            {"worker": 0, "pid": os.getpid(), "vms": sum(1 for w in self.worker_of.values() if w == 0),
+             "restarts": 0, "last_exit": None}]
         for remote in self.remotes:
             out.append({"worker": remote.index, "pid": remote.process.pid if remote.process else None,
                         "vms": len(remote.paths), "restarts": remote.restarts, "last_exit": remote.last_exit})

@@ -1,6 +1,7 @@
 """Engine workers against the real kernel: with ``workers = 2`` each VM is owned by one worker
-(worker 1 a child process with queues of its own), one ``status`` sees both, and a worker killed
-with SIGKILL is started again with its VM's skin in force before that VM's next packet."""
+(each a child process with queues of its own; worker 0 the daemon's own process with
+``isolate_data_path = false``), one ``status`` sees both, and a worker killed with SIGKILL is
+started again with its VM's skin in force before that VM's next packet."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.e2e
 DELAY_MS = 40
 
 
-def with_workers(lab, workers: int, fail_mode: str = "open") -> None:
+def with_workers(lab, workers: int, fail_mode: str = "open", isolate: bool = True) -> None:
     text = lab.config_path.read_text().replace('fail_mode = "open"', f'fail_mode = "{fail_mode}"')
-    lab.config_path.write_text(f"workers = {workers}\n" + text)
+    lab.config_path.write_text(f"workers = {workers}\nisolate_data_path = {str(isolate).lower()}\n" + text)
 
 
 def status(lab) -> dict:
@@ -35,8 +36,9 @@ def rtts(lab, vm: str, count: int = 10) -> list[float]:
     return result["rtts_ms"]
 
 
-def test_two_workers_each_own_a_vm_and_one_status_sees_both(lab):
-    with_workers(lab, 2)
+@pytest.mark.parametrize("isolate", [True, False])
+def test_two_workers_each_own_a_vm_and_one_status_sees_both(lab, isolate):
+    with_workers(lab, 2, isolate=isolate)
     write_skin(lab, "slow", latency_ms=DELAY_MS)
     with DaemonProcess(lab.config_path) as daemon:
         assert netskin(lab.config_path, "apply", "vm2", "slow").returncode == 0
@@ -50,7 +52,9 @@ def test_two_workers_each_own_a_vm_and_one_status_sees_both(lab):
         assert vms["vm1"]["queues"]["uplink"] in (QUEUE_BASE, QUEUE_BASE + 2)
         assert vms["vm2"]["queues"]["uplink"] in (QUEUE_BASE + 4, QUEUE_BASE + 6)
         assert [w["vms"] for w in workers] == [1, 1]
-        assert workers[0]["pid"] == daemon.proc.pid and workers[1]["pid"] != daemon.proc.pid
+        assert [w["worker"] for w in workers] == [0, 1]
+        assert (workers[0]["pid"] == daemon.proc.pid) is not isolate  # isolated: a child process too
+        assert workers[1]["pid"] not in (daemon.proc.pid, workers[0]["pid"])
         # Worker 1's counters reach the daemon's status: every ping request (and no more
         # than were sent, give or take the few of the next test call) is counted.
         assert vms["vm2"]["uplink"]["packets"] >= 10

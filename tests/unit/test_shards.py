@@ -62,10 +62,10 @@ def test_frames_cross_a_socket_in_order():
         assert [_receive_blocking(b) for _ in range(3)][1] == (2, "set_indexes", {"indexes": {"tap0": 7}})
 
 
-def _shards(workers: int, shared_uplink: bool = False) -> Shards:
+def _shards(workers: int, shared_uplink: bool = False, isolate: bool = False) -> Shards:
     config = HostConfig(workers=workers)
     return Shards(workers=workers, queue_numbers=config.queue_numbers, gso=True, shared_uplink=shared_uplink,
-                  fail_open=True, host_uplink_kbps=1000 if shared_uplink else 0)
+                  isolate=isolate, fail_open=True, host_uplink_kbps=1000 if shared_uplink else 0)
 
 
 def in_trio(test):
@@ -96,6 +96,39 @@ def test_vms_are_spread_over_the_workers_and_each_gets_its_workers_queues():
         assert shards.place("vm9") == 1  # the worker with room again
     finally:
         shards.close()
+
+
+@in_trio
+def test_isolated_workers_are_all_child_processes_and_keep_their_queue_numbers():
+    shards = _shards(2, isolate=True)
+    try:
+        config = HostConfig(workers=2)
+        assert [remote.index for remote in shards.remotes] == [0, 1]
+        for i in range(3):
+            worker = shards.place(f"vm{i}")
+            shards.add_vm(f"vm{i}", f"tap{i}", *config.queue_numbers(worker), worker=worker)
+        assert [shards.worker_of[f"vm{i}"] for i in range(3)] == [0, 1, 0]
+        assert shards.queues["vm0"] == config.queue_numbers(0) == (7700, 7701)
+        assert not shards.local.paths  # the daemon's own shell holds no VM
+        assert set(shards.remotes[0].paths) == {"vm0", "vm2"} and set(shards.remotes[1].paths) == {"vm1"}
+        assert [(w["worker"], w["vms"]) for w in shards.workers_status()] == [(0, 2), (1, 1)]
+        shards.remove_vm("vm2")
+        assert set(shards.remotes[0].paths) == {"vm0"}
+    finally:
+        shards.close()
+
+
+@in_trio
+def test_a_shared_uplink_keeps_its_one_worker_in_the_daemons_process_even_isolated():
+    shards = _shards(2, shared_uplink=True, isolate=True)
+    try:
+        assert not shards.isolated and not shards.remotes and shards.place("vm0") == 0
+    finally:
+        shards.close()
+
+
+def test_the_data_path_is_isolated_by_default():
+    assert HostConfig().isolate_data_path is True
 
 
 @in_trio
