@@ -318,6 +318,12 @@ class RemoteWorker:
             await waiter[0].wait()
         self._waiting.pop(seq, None)
         if not waiter[0].is_set():
+            # A worker whose trio side does not answer is wedged (its data path holding the lock,
+            # say): killed, so ``serve`` starts it again, as systemd's watchdog would the daemon.
+            if self.process is not None and self.process.poll() is None:
+                log.error("engine worker %d (pid %d) did not answer %s in %.0f s: killed, to be started again",
+                          self.index, self.process.pid, command, CALL_TIMEOUT_S)
+                self.process.kill()
             raise WorkerGone(f"engine worker {self.index}: no answer to {command} in {CALL_TIMEOUT_S:.0f} s")
         if not waiter[1]:
             raise WorkerGone(f"engine worker {self.index}: {command}: {waiter[2]}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,8 @@ from interceptor.engine.timeline import StepClock
 from interceptor.library import SkinLibrary
 from interceptor.profiles import load_profile, profile_dirs
 from interceptor.schema import ConfigError, HostConfig, compile_document
-from interceptor.shards import Shards, _encode, _receive_blocking
+from interceptor import shards as shards_module
+from interceptor.shards import RemoteWorker, Shards, WorkerGone, _encode, _receive_blocking
 from interceptor.timeline import compile_document_timeline
 
 
@@ -153,3 +155,22 @@ def test_workers_out_of_range_or_without_room_for_their_queues_are_refused():
         HostConfig(workers=65)
     with pytest.raises(ValueError, match=r"queue_base: 65500 .* 16 worker\(s\)"):
         HostConfig(workers=16, queue_base=65_500)
+
+
+def test_a_worker_that_does_not_answer_is_killed_to_be_started_again(monkeypatch):
+    """A call that times out means the worker's trio side is wedged: its process is killed, and
+    the worker's ``serve`` (not run here) starts another with the same state."""
+    monkeypatch.setattr(shards_module, "CALL_TIMEOUT_S", 0.2)
+    worker = RemoteWorker(0, {}, 0, HostConfig().queue_numbers, True)
+    worker.process = subprocess.Popen(["sleep", "60"])  # alive, never answers
+    worker.alive = True
+    try:
+        async def main():
+            with pytest.raises(WorkerGone, match="no answer to snapshot"):
+                await worker.call("snapshot")
+        trio.run(main)
+        assert worker.process.wait(5) == -9
+    finally:
+        if worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait()
