@@ -548,6 +548,8 @@ class Shards:
 # -- the worker process ----------------------------------------------------------------------
 
 def _worker_commands(shell_box: list, nursery: trio.Nursery) -> dict[str, Callable]:
+    sent: dict[str, dict] = {}  # what the last snapshot carried of each VM
+
     def init(options: dict, nice: int, label: str):
         logging.basicConfig(level=logging.INFO, format=f"netskin-interceptor {label}: %(message)s")
         if nice:
@@ -562,6 +564,7 @@ def _worker_commands(shell_box: list, nursery: trio.Nursery) -> dict[str, Callab
 
     def remove_vm(name):
         shell_box[0].remove_vm(name)
+        sent.pop(name, None)
 
     def set_skin(name, skin, generation, timeline):
         shell_box[0].set_skin(name, skin, generation, timeline)
@@ -581,15 +584,20 @@ def _worker_commands(shell_box: list, nursery: trio.Nursery) -> dict[str, Callab
         nursery.start_soon(_watch_indexes, shell)
 
     def snapshot():
+        """The VMs whose counters moved since the last snapshot (an idle VM costs the daemon
+        nothing: it keeps the report it has)."""
         shell = shell_box[0]
         vms = {}
         with shell.lock:
             for name, path in shell.paths.items():
-                vms[name] = {"uplink": path.uplink.snapshot(), "downlink": path.downlink.snapshot(),
-                             "samples_up": path.uplink.take_samples(),
-                             "samples_down": path.downlink.take_samples(),
-                             "dns": dict(path.dns_answers), "icmp": path.icmp_sent,
-                             "errors": shell.errors.get(name, 0)}
+                entry = {"uplink": path.uplink.snapshot(), "downlink": path.downlink.snapshot(),
+                         "dns": dict(path.dns_answers), "icmp": path.icmp_sent,
+                         "errors": shell.errors.get(name, 0)}
+                samples = path.uplink.take_samples(), path.downlink.take_samples()
+                if entry == sent.get(name) and not any(any(part) for part in samples):
+                    continue
+                sent[name] = entry
+                vms[name] = {**entry, "samples_up": samples[0], "samples_down": samples[1]}
         return {"vms": vms, "held": shell.held_packets, "unclassified": shell.unclassified}
 
     def fault(name, count):

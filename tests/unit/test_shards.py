@@ -174,3 +174,23 @@ def test_a_worker_that_does_not_answer_is_killed_to_be_started_again(monkeypatch
         if worker.process.poll() is None:
             worker.process.kill()
             worker.process.wait()
+
+
+@in_trio
+def test_a_workers_snapshot_carries_only_the_vms_whose_counters_moved():
+    box: list = []
+    commands = shards_module._worker_commands(box, nursery=None)
+    commands["init"](options={"fail_open": True}, nice=0, label="worker 0")
+    try:
+        for i in range(3):
+            commands["add_vm"](name=f"vm{i}", interface=f"tap{i}", up=7700, down=7701, addresses=())
+        assert set(commands["snapshot"]()["vms"]) == {"vm0", "vm1", "vm2"}  # the first: all of them
+        assert commands["snapshot"]()["vms"] == {}  # idle since: none
+        box[0].paths["vm1"].uplink.hold_samples.append(5)
+        report = commands["snapshot"]()["vms"]
+        assert set(report) == {"vm1"} and report["vm1"]["samples_up"] == ([5], [])
+        commands["remove_vm"](name="vm1")
+        commands["add_vm"](name="vm1", interface="tap1", up=7700, down=7701, addresses=())
+        assert set(commands["snapshot"]()["vms"]) == {"vm1"}  # a VM added again is reported again
+    finally:
+        box[0].close()
