@@ -2,8 +2,10 @@
 
 Pure bookkeeping, no I/O and no clock: the daemon calls ``ConditionWindow.tick(now_ns, counters,
 hold, late)`` once a second per VM and direction with the pipe's cumulative counters and the
-hold-time samples the engine gathered since the last tick (``Pipe.take_samples``), and
-``summary(asked)`` folds the last ``WINDOW_S`` seconds into figures and tolerance flags.
+hold-time samples the engine gathered since the last tick (``Pipe.take_samples``), or
+``idle(now_ns, mark)`` first, which ticks a second in which the pipe's activity mark did not move
+without reading its counters; ``summary(asked)`` folds the last ``WINDOW_S`` seconds into
+figures and tolerance flags.
 
 Measured, per direction, over the window:
 - added delay p50/p99: each delivered packet's real hold in the daemon (arrival to verdict), with
@@ -32,6 +34,7 @@ _BIN_FLOOR_NS = 1_000
 _LOG_STEP = math.log(1.01)
 LATE_TOLERANCE_MS = 2.0  # release lateness p99 beyond this: the host is falling behind
 Z_999 = 3.29  # two-sided 99.9 % normal quantile, for the loss interval
+_NO_SAMPLES: Counter = Counter()  # an idle second's histograms (shared: summaries only read them)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class Asked:
                 "queue_limit_ms": round(self.queue_limit_ms, 3)}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Second:
     at_ns: int
     packets: int  # cumulative counters at this tick
@@ -88,8 +91,24 @@ class ConditionWindow:
 
     def __init__(self) -> None:
         self._ticks: deque[_Second] = deque(maxlen=WINDOW_S + 1)
+        self._mark: object = None
 
-    def tick(self, now_ns: int, counters: dict, hold_ns: list[int], late_ns: list[int]) -> None:
+    def idle(self, now_ns: int, mark: object) -> bool:
+        """A tick for a second in which nothing moved, if ``mark`` (the pipe's ``activity()``)
+        equals the one given with the last tick: the counters carry over and no samples are
+        read. False (nothing done) otherwise: the caller then takes a full ``tick``."""
+        if mark is None or mark != self._mark or not self._ticks:
+            return False
+        last = self._ticks[-1]
+        self._ticks.append(_Second(
+            at_ns=now_ns, packets=last.packets, passed_packets=last.passed_packets,
+            passed_bytes=last.passed_bytes, loss_drops=last.loss_drops, queue_drops=last.queue_drops,
+            hold=_NO_SAMPLES, late=_NO_SAMPLES, immediate=0))
+        return True
+
+    def tick(self, now_ns: int, counters: dict, hold_ns: list[int], late_ns: list[int],
+             mark: object = None) -> None:
+        self._mark = mark
         drops = counters.get("drops", {})
         previous = self._ticks[-1] if self._ticks else None
         passed = counters["passed_packets"]

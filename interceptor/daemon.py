@@ -50,6 +50,7 @@ DNS_PROBE_INTERVAL_S = 2.0
 DNS_PROBE_TIMEOUT_S = 1.0
 RULES_TIMEOUT_S = 10.0
 FIREWALL_COUNTERS_MAX_AGE_S = 0.5
+CONDITIONS_BATCH = 64  # VMs ticked between two yields to the trio loop (each costs a scheduler round)
 INDEXES_INTERVAL_S = 1.0  # the VM interfaces' indexes are read again at least this often...
 INDEXES_MIN_INTERVAL_S = 0.05  # ...and at most this often (on packets of unknown devices)
 LIBVIRT_QUEUE_ROOM_VMS = 64  # with [libvirt]: VMs the kernel queues make room for beyond [vms]
@@ -250,8 +251,12 @@ class Daemon:
     def _identity_job(self, vm: str) -> reconcile.IdentityJob:
         """A snapshot of everything ``reconcile`` needs: the worker reads nothing else."""
         # A libvirt VM whose address is unknown has no NAT plan (``cannot_enforce`` says so).
-        plans = tuple(plan for plan in (self._nat_plan(name, path.skin) for name, path in self.shell.paths.items())
-                      if (plan.ip_address or plan.dns4 or plan.dns6) and plan.address is not None)
+        # Only VMs with something to translate get a plan (checked before one is built: a job per
+        # VM at start-up would otherwise build every VM's plan, n² with many idle VMs).
+        targets = self.dns_targets
+        plans = tuple(self._nat_plan(name, path.skin) for name, path in self.shell.paths.items()
+                      if self.vms[name].address is not None
+                      and (path.skin.ip_address or (name in targets and (targets[name].get(4) or targets[name].get(6)))))
         return reconcile.IdentityJob(
             vm=vm, config=self.vms[vm], skin=self.shell.paths[vm].skin,
             original=self.assignments[vm].original, claimed=self._claims.get(vm), nat_wanted=plans,
@@ -401,7 +406,7 @@ class Daemon:
             await trio.sleep(1.0)
             await self.shell.refresh()
             now = time.monotonic_ns()
-            for vm, path in list(self.shell.paths.items()):  # VMs may come and go in between
+            for done, (vm, path) in enumerate(list(self.shell.paths.items())):  # VMs come and go
                 if vm not in self.shell.paths:
                     continue
                 for direction, pipe in (("uplink", path.uplink), ("downlink", path.downlink)):
@@ -409,11 +414,17 @@ class Daemon:
                     if generation != path.generation:
                         window = ConditionWindow()
                         self.conditions[(vm, direction)] = (path.generation, window)
+                    # An idle VM costs a tuple compare: no lock, no counters copied. The mark is
+                    # read before the counters, so a packet in between shows in the next second.
+                    mark = pipe.activity()
+                    if window.idle(now, mark):
+                        continue
                     with self.shell.lock:  # the data path appends samples and counts
                         hold, late = pipe.take_samples()
                         counters = pipe.snapshot()
-                    window.tick(now, counters, hold, late)
-                await trio.lowlevel.checkpoint()  # one VM at a time: the data path runs in between
+                    window.tick(now, counters, hold, late, mark)
+                if done % CONDITIONS_BATCH == CONDITIONS_BATCH - 1:
+                    await trio.lowlevel.checkpoint()  # the control socket is served in between
 
     def _conditions(self, vm: str) -> tuple[dict, list[str]]:
         """Per direction {"asked", "measured"}, and the lines where measured leaves tolerance."""

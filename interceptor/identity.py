@@ -199,8 +199,9 @@ def read(vm: VmConfig, original: Original | None = None, *, vm_name: str | None 
     with _host(label) as host:
         index = _lookup(host, vm.interface)
         host_mtu = None if index is None else _link(host, index).get_attr("IFLA_MTU")
-    if vm.netns is None:
-        return {"mac": _neighbour_mac(vm, label), "mtu": None, "host_mtu": host_mtu}
+        if vm.netns is None:  # one netlink socket for both reads (a start-up reads every VM)
+            mac = None if index is None else _neighbour_mac(host, index, vm, label)
+            return {"mac": mac, "mtu": None, "host_mtu": host_mtu}
     with _vm_netns(vm, label) as ipr:
         index = _find_vm_interface(ipr, vm, original.interface if original else None)
         if index is None:
@@ -227,17 +228,13 @@ def _resolvers(netns: str, label: str) -> list[str] | None:
     return servers
 
 
-def _neighbour_mac(vm: VmConfig, label: str) -> str | None:
-    """The VM's MAC as the host's neighbour table knows it on the VM's device, if it does."""
-    with _host(label) as host:
-        index = _lookup(host, vm.interface)
-        if index is None:
-            return None
-        for entry in _call(label, "read the neighbour table", host.get_neighbours, ifindex=index,
-                           family=socket.AF_INET):
-            if (entry.get_attr("NDA_DST") == str(vm.address) and entry.get_attr("NDA_LLADDR")
-                    and not entry["state"] & _NUD_USELESS):
-                return entry.get_attr("NDA_LLADDR")
+def _neighbour_mac(host: IPRoute, index: int, vm: VmConfig, label: str) -> str | None:
+    """The VM's MAC as the host's neighbour table knows it on the VM's device (``index``), if it does."""
+    for entry in _call(label, "read the neighbour table", host.get_neighbours, ifindex=index,
+                       family=socket.AF_INET):
+        if (entry.get_attr("NDA_DST") == str(vm.address) and entry.get_attr("NDA_LLADDR")
+                and not entry["state"] & _NUD_USELESS):
+            return entry.get_attr("NDA_LLADDR")
     return None
 
 

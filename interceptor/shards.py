@@ -110,6 +110,10 @@ class RemotePipe:
         self.last: dict = shadow.snapshot()
         self.hold: list[int] = []
         self.late: list[int] = []
+        self.reports = 0  # reports taken: a worker reports a VM only when its counters moved
+
+    def activity(self) -> int:
+        return self.reports
 
     def snapshot(self) -> dict:
         return dict(self.last)
@@ -159,6 +163,8 @@ class RemotePath:
 
     def take_report(self, report: dict) -> None:
         self.uplink.last, self.downlink.last = report["uplink"], report["downlink"]
+        self.uplink.reports += 1
+        self.downlink.reports += 1
         for pipe, (hold, late) in ((self.uplink, report["samples_up"]), (self.downlink, report["samples_down"])):
             pipe.hold += hold
             pipe.late += late
@@ -548,7 +554,7 @@ class Shards:
 # -- the worker process ----------------------------------------------------------------------
 
 def _worker_commands(shell_box: list, nursery: trio.Nursery) -> dict[str, Callable]:
-    sent: dict[str, dict] = {}  # what the last snapshot carried of each VM
+    sent: dict[str, tuple] = {}  # each VM's activity marks when the last snapshot carried it
 
     def init(options: dict, nice: int, label: str):
         logging.basicConfig(level=logging.INFO, format=f"netskin-interceptor {label}: %(message)s")
@@ -585,19 +591,22 @@ def _worker_commands(shell_box: list, nursery: trio.Nursery) -> dict[str, Callab
 
     def snapshot():
         """The VMs whose counters moved since the last snapshot (an idle VM costs the daemon
-        nothing: it keeps the report it has)."""
+        nothing: it keeps the report it has). Whether a VM moved is told by its pipes' activity
+        marks and error count, so an idle VM costs a tuple compare here, not a copy of its
+        counters under the data path's lock."""
         shell = shell_box[0]
         vms = {}
+        errors = shell.errors
         with shell.lock:
             for name, path in shell.paths.items():
-                entry = {"uplink": path.uplink.snapshot(), "downlink": path.downlink.snapshot(),
-                         "dns": dict(path.dns_answers), "icmp": path.icmp_sent,
-                         "errors": shell.errors.get(name, 0)}
-                samples = path.uplink.take_samples(), path.downlink.take_samples()
-                if entry == sent.get(name) and not any(any(part) for part in samples):
+                mark = path.uplink.activity(), path.downlink.activity(), errors.get(name, 0)
+                if sent.get(name) == mark:
                     continue
-                sent[name] = entry
-                vms[name] = {**entry, "samples_up": samples[0], "samples_down": samples[1]}
+                sent[name] = mark
+                up, down = path.uplink.take_samples(), path.downlink.take_samples()
+                vms[name] = {"uplink": path.uplink.snapshot(), "downlink": path.downlink.snapshot(),
+                             "dns": dict(path.dns_answers), "icmp": path.icmp_sent, "errors": mark[2],
+                             "samples_up": up, "samples_down": down}
         return {"vms": vms, "held": shell.held_packets, "unclassified": shell.unclassified}
 
     def fault(name, count):

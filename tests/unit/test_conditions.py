@@ -110,3 +110,18 @@ def test_a_saturated_link_below_its_rate_is_flagged_and_idle_time_is_not():
     # The same idle tail at the asked rate is no problem.
     measured, flags = window.summary(asked(ns_per_byte=8e9 / (3000 * 1000)))
     assert flags == []
+
+
+def test_an_idle_second_costs_no_counters_and_summarizes_as_a_full_tick_would():
+    busy, skipped = ConditionWindow(), ConditionWindow()
+    counters = {"packets": 500, "passed_packets": 480, "passed_bytes": 480_000, "drops": {"loss": 20, "queue": 0}}
+    for window in (busy, skipped):
+        window.tick(0, counters, [20 * MS] * 480, [0] * 480, mark=(500, 480, 20))
+    assert not skipped.idle(1 * S, None) and not skipped.idle(1 * S, (501, 480, 20))  # moved: a full tick
+    for second in range(1, 7):
+        busy.tick(second * S, counters, [], [], mark=(500, 480, 20))
+        assert skipped.idle(second * S, (500, 480, 20))
+    ask = asked(delay_ns=20 * MS, loss_probability=0.04)
+    assert skipped.summary(ask) == busy.summary(ask)
+    assert skipped.summary(ask)[0]["window_s"] == 5.0 and skipped.summary(ask)[0]["packets"] == 0
+    assert not ConditionWindow().idle(0, (0, 0, 0))  # nothing to carry over yet

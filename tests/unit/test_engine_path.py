@@ -185,3 +185,38 @@ def test_oversize_df_packet_gets_an_icmp_error_and_is_counted():
     assert verdict.__class__ is SendIcmp and verdict.drop.reason == "mtu"
     assert verdict.version == 4 and verdict.destination == bytes([10, 0, 0, 2])
     assert path.uplink.drops["mtu"] == 1 and path.icmp_sent == 1
+
+
+def _seen(path) -> tuple:
+    """Everything a snapshot reports of a VM: counters, DNS and ICMP counts, samples."""
+    return (path.snapshot(), [(len(p.hold_samples), len(p.late_samples)) for p in (path.uplink, path.downlink)])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    packets=st.lists(st.tuples(st.booleans(), packet_bytes, st.integers(0, 5 * MS)), min_size=1, max_size=40),
+    skin_index=st.integers(0, len(SKINS) - 1),
+    shared=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
+def test_nothing_a_snapshot_reports_changes_without_a_pipes_activity_mark_moving(packets, skin_index, shared, seed):
+    # Status and the worker's snapshots skip a VM whose marks did not move: that is only right if
+    # no counter, DNS or ICMP count or sample can change without them.
+    rand = random.Random(seed).random
+    engine = Engine(host_uplink_kbps=1000 if shared else 0, max_held_per_direction=25)
+    path = engine.add_vm("vm")
+    path.set_skin(SKINS[skin_index], 1)
+    now = 0
+
+    def step(action) -> None:
+        marks, seen = (path.uplink.activity(), path.downlink.activity()), _seen(path)
+        action()
+        if (path.uplink.activity(), path.downlink.activity()) == marks:
+            assert _seen(path) == seen
+
+    for i, (outgoing, data, gap) in enumerate(packets):
+        now += gap
+        needs = path.needs_payload_up if outgoing else path.needs_payload_down
+        step(lambda: path.on_packet(outgoing, i, len(data), data if needs else None, now, rand))
+        step(lambda: engine.on_wakeup(now, rand))
+    step(lambda: drain(engine, now, rand))

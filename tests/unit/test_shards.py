@@ -186,9 +186,16 @@ def test_a_workers_snapshot_carries_only_the_vms_whose_counters_moved():
             commands["add_vm"](name=f"vm{i}", interface=f"tap{i}", up=7700, down=7701, addresses=())
         assert set(commands["snapshot"]()["vms"]) == {"vm0", "vm1", "vm2"}  # the first: all of them
         assert commands["snapshot"]()["vms"] == {}  # idle since: none
-        box[0].paths["vm1"].uplink.hold_samples.append(5)
+        pipe = box[0].paths["vm1"].uplink
+        pipe.hold(100)  # as the engine releases a held packet: counted, then its hold sampled
+        pipe.released(100)
+        pipe.hold_samples.append(5)
         report = commands["snapshot"]()["vms"]
         assert set(report) == {"vm1"} and report["vm1"]["samples_up"] == ([5], [])
+        assert report["vm1"]["uplink"]["passed_packets"] == 1
+        box[0].errors["vm2"] = 1  # a packet the shell failed on moves no pipe counter
+        report = commands["snapshot"]()["vms"]
+        assert set(report) == {"vm2"} and report["vm2"]["errors"] == 1
         commands["remove_vm"](name="vm1")
         commands["add_vm"](name="vm1", interface="tap1", up=7700, down=7701, addresses=())
         assert set(commands["snapshot"]()["vms"]) == {"vm1"}  # a VM added again is reported again
