@@ -364,7 +364,9 @@ class Shards:
         self.queue_numbers = queue_numbers
         self.gso = gso
         remote_options = {key: value for key, value in shell_options.items() if key != "host_uplink_kbps"}
-        self.remotes = [RemoteWorker(k, remote_options, nice, queue_numbers, gso) for k in range(0 if self.isolated else 1, self.count)]
+        first_remote = 0 if self.isolated else 1
+        self.remotes = [RemoteWorker(k, remote_options, nice, queue_numbers, gso)
+                        for k in range(first_remote, self.count)]
         self._shadows = Engine()  # the remote VMs' shadow paths: never see a packet
         self.paths: dict[str, Any] = {}
         self.queues: dict[str, tuple[int, int]] = {}
@@ -481,7 +483,8 @@ class Shards:
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.local.run)
+            if not self.isolated:  # isolated, the local shell has no queue: no data-path thread
+                await nursery.start(self.local.run)
             for remote in self.remotes:
                 nursery.start_soon(remote.serve)
             task_status.started()

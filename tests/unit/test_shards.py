@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -127,6 +128,24 @@ def test_a_shared_uplink_keeps_its_one_worker_in_the_daemons_process_even_isolat
         assert not shards.isolated and not shards.remotes and shards.place("vm0") == 0
     finally:
         shards.close()
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_the_daemon_runs_a_data_path_thread_only_when_a_worker_lives_in_it(isolate):
+    shards = _shards(1, isolate=isolate)
+    shards.remotes = []  # no worker process started: only the daemon's own threads are looked at
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(shards.run)
+            threads = [t for t in threading.enumerate() if t.name == "netskin-data"]
+            assert len(threads) == (0 if isolate else 1)
+            nursery.cancel_scope.cancel()
+    try:
+        trio.run(main)
+    finally:
+        shards.close()
+    assert not [t for t in threading.enumerate() if t.name == "netskin-data"]
 
 
 def test_the_data_path_is_isolated_by_default():
