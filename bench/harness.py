@@ -425,7 +425,8 @@ class Harness:
                              "--count", count, "--rate", rate_pps, "--size", payload_bytes)
         sent = self.finish(sender, "the UDP sender", expected_s + 30)
         got = self.finish(receiver, "the UDP counter", idle_s + 35)
-        return {**got, "sent": sent["sent"], "send_errors": sent["send_errors"], "send_seconds": sent["seconds"]}
+        return {**got, "sent": sent["sent"], "send_errors": sent["send_errors"], "send_seconds": sent["seconds"],
+                "send_kernel_s": sent["kernel_s"]}
 
 
 def _goodput(intervals: list[dict], skip_s: float) -> dict:

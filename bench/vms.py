@@ -6,7 +6,9 @@ the measured VM's uplink at the CPU-measuring rate and reads, per queued packet,
 the whole machine (every core, softirqs included), of the daemon process (which also pays, in
 the kernel, for the packet's way on after its verdict: FORWARD and POSTROUTING, where the
 downlink steering rules are walked) and the sender's time in the kernel (the packet's
-PREROUTING, where the uplink steering rules are walked, runs in the softirq of its send call),
+PREROUTING, where the uplink steering rules are walked, runs in the softirq of its send call;
+read over the send loop of a second run at the same rate, ``bench.udp_tool send``, since
+iperf3's own CPU figure takes in its start-up and swings several-fold between identical runs),
 and how long the daemon took from exec to answering its control socket. With ``--profiles``
 every VM is configured with a skin that has the firewall profile ``standard``, so the filter
 table holds every VM's jumps and chains as well. The whole-machine
@@ -62,17 +64,21 @@ def measure_one(h: Harness, count: int, pps: int, seconds: float, profiled: bool
             flood = h.udp_flood(pps, seconds)
             machine1, cpu1, queues1 = machine_cpu_seconds(), tree_cpu_seconds(daemon.pid), h.queue_counters()
             queued = sum(c.queued - queues0[q].queued for q, c in queues1.items() if q in queues0)
+            # The sender's kernel time over its send loop alone, at the same rate: iperf3's own
+            # figure covers its start and control connection, and read 0-9 µs per packet over
+            # six runs of one configuration.
+            sent = h.one_way("uplink", int(pps * seconds), pps, 64, idle_s=0.5)
             status = h.request("status")
         finally:
             h.stop_daemon(daemon)
     finally:
         h.daemon_config = config
     per_packet = (lambda s: 1e6 * s / queued if queued else float("nan"))
-    sender_s = (flood["sender_system_percent"] or float("nan")) / 100 * flood["seconds"]
     return {"vms": count, "start_s": start_s, "queued": queued, "loss": flood["loss"],
             "machine_us_per_packet": per_packet(machine1 - machine0),
             "daemon_us_per_packet": per_packet(cpu1 - cpu0),
-            "sender_kernel_us_per_packet": 1e6 * sender_s / flood["sent"] if flood["sent"] else float("nan"),
+            "sender_kernel_us_per_packet": 1e6 * sent["send_kernel_s"] / sent["sent"] if sent["sent"] else float("nan"),
+            "sender_loss": 1 - sent["received"] / sent["sent"] if sent["sent"] else float("nan"),
             "unclassified": status["host"].get("unclassified_packets")}
 
 
