@@ -700,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                              "conditions = status's measured delay, loss and rate against an outside probe, "
                              "fleet = the fleet lab's apply rows (python -m bench.fleet, its defaults)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="--only vms: rounds over the VM counts (default 3, quick 2)")
+                        help="--only vms: rounds over the VM counts (default 5, quick 2)")
     parser.add_argument("--profiles", action="store_true",
                         help="--only vms: every VM configured with a skin that has a firewall profile")
     args = parser.parse_args(argv)
@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import vms
 
                 results.vms = vms.measure(harness, plan.cpu_pps, plan.cpu_seconds,
-                                          args.rounds or (2 if plan.quick else 3), step, args.profiles)
+                                          args.rounds or (2 if plan.quick else 5), step, args.profiles)
             else:
                 measure(harness, plan, results)
         finally:
