@@ -50,6 +50,7 @@ DNS_PROBE_INTERVAL_S = 2.0
 DNS_PROBE_TIMEOUT_S = 1.0
 RULES_TIMEOUT_S = 10.0
 FIREWALL_COUNTERS_MAX_AGE_S = 0.5
+NO_TARGETS: dict[int, str] = {}  # a VM whose DNS is not redirected (read only)
 CONDITIONS_BATCH = 64  # VMs ticked between two yields to the trio loop (each costs a scheduler round)
 INDEXES_INTERVAL_S = 1.0  # the VM interfaces' indexes are read again at least this often...
 INDEXES_MIN_INTERVAL_S = 0.05  # ...and at most this often (on packets of unknown devices)
@@ -256,7 +257,7 @@ class Daemon:
         targets = self.dns_targets
         plans = tuple(self._nat_plan(name, path.skin) for name, path in self.shell.paths.items()
                       if self.vms[name].address is not None
-                      and (path.skin.ip_address or (name in targets and (targets[name].get(4) or targets[name].get(6)))))
+                      and (path.skin.ip_address or any(targets.get(name, NO_TARGETS).values())))
         return reconcile.IdentityJob(
             vm=vm, config=self.vms[vm], skin=self.shell.paths[vm].skin,
             original=self.assignments[vm].original, claimed=self._claims.get(vm), nat_wanted=plans,
