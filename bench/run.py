@@ -679,7 +679,8 @@ def summary_text(results: Results) -> str:
         table.add_column(column, no_wrap=True)
     for r in results.summary:
         met = "—" if r["met"] is None else "yes" if r["met"] else "**no**"  # None: context, no goal
-        table.add_row(r["metric"], r["measured"], r["goal"], met)
+        # A "|" inside a cell (|p50|, |residual|) would end the cell in Markdown.
+        table.add_row(*(text.replace("|", "\\|") for text in (r["metric"], r["measured"], r["goal"])), met)
     wide = Console(width=300, color_system=None, highlight=False)
     with wide.capture() as captured:
         wide.print(table)
@@ -688,7 +689,7 @@ def summary_text(results: Results) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and rates (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and rates (about 6 minutes)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the lab's logs and configs")
     parser.add_argument("--only", choices=["pause", "trace", "vms", "tcp", "conditions", "fleet", "workers"],
