@@ -22,6 +22,11 @@ NFQNL_MSG_VERDICT_BATCH accepts every packet of the queue up to an id, so the ca
 defer a packet when no earlier packet of the queue is still waiting for its own verdict (the
 shell defers only while the engine holds nothing). Deferred accepts go out at the end of each
 drain, or when ``deferred_max`` have gathered, whichever comes first.
+
+Held packets released together are accepted the same way where that is safe (``HeldIds``, used
+by the shell's timer): the queue keeps the ids of its packets still waiting in the engine, in
+the order the kernel numbered them, and a release's accepts that all come before the oldest one
+still waiting go out as one batch verdict through the latest of them (``accept_through``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections import deque
+from collections.abc import Iterable
 from typing import Callable
 
 from netfilterqueue import COPY_PACKET, NetfilterQueue
@@ -48,6 +55,53 @@ GSO_COPY_BYTES = 128  # a super-packet's copy: its IP header (and a TCP/UDP head
 _NLM_F_REQUEST = 1
 _NLM_F_ACK = 4
 _NLMSG_ERROR = 2
+
+
+_ID_MASK = 0xFFFF_FFFF
+_ID_HALF = 0x8000_0000
+
+
+def id_before(a: int, b: int) -> bool:
+    """Whether packet id ``a`` was given before ``b`` (the kernel's 32-bit ids wrap, as its own
+    batch verdict's comparison does)."""
+    return a != b and (b - a) & _ID_MASK < _ID_HALF
+
+
+class HeldIds:
+    """One queue's packets held by the engine, by id, and which released accepts a batch verdict
+    may cover. Sans-IO: ``hold`` as a packet is held, ``release`` with what a release verdicted."""
+
+    __slots__ = ("_ids", "_done")
+
+    def __init__(self) -> None:
+        self._ids: deque[int] = deque()  # held, in the order the kernel numbered them
+        self._done: set[int] = set()  # verdicted, but not yet at the front of ``_ids``
+
+    def hold(self, packet_id: int) -> None:
+        self._ids.append(packet_id)
+
+    def release(self, verdicted: Iterable[int], accepts: list[int]) -> tuple[int | None, list[int]]:
+        """``verdicted``: ids this release verdicted one by one; ``accepts``: ids it would accept
+        in a batch. Returns the id to send one batch verdict through (None: none), and the
+        accepts that must go one by one: a batch accepts every packet of the queue up to its id,
+        so it may only cover accepts older than every packet still held."""
+        ids, done = self._ids, self._done
+        done.update(verdicted)
+        done.update(accepts)
+        while ids and ids[0] in done:
+            done.discard(ids.popleft())
+        front = ids[0] if ids else None
+        through, alone = None, []
+        for packet_id in accepts:
+            if front is None or id_before(packet_id, front):
+                if through is None or id_before(through, packet_id):
+                    through = packet_id
+            else:
+                alone.append(packet_id)
+        return through, alone
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 class _BatchDone(Exception):
@@ -78,6 +132,7 @@ class Queue:
         self._deferred_id = 0  # the highest of them
         self._verdict_message = batch_verdict_message(number)
         self._verdict_socket: socket.socket | None = None
+        self.held = HeldIds()  # its packets the engine holds (the shell keeps it)
         self._nfq = NetfilterQueue()
         # Held packets count against max_len, so it must cover the deepest rate-limit queue.
         self._nfq.bind(number, self._on_packet, max_len=max_len, mode=COPY_PACKET,
@@ -118,10 +173,19 @@ class Queue:
         """Send the deferred accepts as one batch verdict."""
         if not self._deferred:
             return
+        self._deferred = 0
+        self._send_batch(self._deferred_id)
+
+    def accept_through(self, packet_id: int) -> None:
+        """Accept, with one batch verdict, every packet of the queue up to ``packet_id`` that
+        is still waiting for a verdict (the caller knows none of them must be dropped or held)."""
+        self.flush()
+        self._send_batch(packet_id)
+
+    def _send_batch(self, packet_id: int) -> None:
         if self._verdict_socket is None:
             self._verdict_socket = socket.socket(fileno=os.dup(self._nfq.get_fd()))
-        struct.pack_into("!I", self._verdict_message, len(self._verdict_message) - 4, self._deferred_id)
-        self._deferred = 0
+        struct.pack_into("!I", self._verdict_message, len(self._verdict_message) - 4, packet_id)
         self._verdict_socket.sendto(self._verdict_message, (0, 0))
 
     def close(self) -> None:

@@ -114,6 +114,9 @@ class Shell:
         self._indexes_asked = False
         # Accepts while the engine holds nothing go out as one batch verdict per drain.
         self.batch_verdicts = batch_verdicts
+        # Held packets by token: (their queue, whether a batch verdict may accept them: not if
+        # they carry a rewritten payload, which only their own verdict can send).
+        self._holding: dict[Any, tuple[Queue, bool]] = {}
         self.max_held = max_held
         self.uplink_queue_limit_ns = uplink_queue_limit_ns  # of the shared host uplink
         self.engine = Engine(host_uplink_kbps=host_uplink_kbps, uplink_queue_limit_ns=uplink_queue_limit_ns,
@@ -216,6 +219,8 @@ class Shell:
         faults = self.faults
         fault_injection = self.fault_injection
         later = queue.accept_later if queue is not None and self.batch_verdicts and no_link else None
+        holding = self._holding if queue is not None and self.batch_verdicts else None
+        hold_id = queue.held.hold if holding is not None else None
         full_copy = SEGMENT_COPY_BYTES
         max_age = STAMP_MAX_AGE_NS
 
@@ -233,6 +238,9 @@ class Shell:
             if verdict is ACCEPT:
                 packet.accept()
             elif verdict is HELD:
+                if holding is not None:  # released with its queue's batch verdict if it can be
+                    holding[packet] = (queue, True)
+                    hold_id(packet.id)
                 due = held[0][0] if no_link else engine.next_due_ns
                 armed = timer.armed_ns
                 if due is not None and (not armed or due - ahead < armed):
@@ -240,7 +248,7 @@ class Shell:
             elif verdict.__class__ is Drop:
                 packet.drop()
             else:
-                apply(packet, verdict)
+                apply(packet, verdict, queue)
 
         if outgoing:
             def handle(packet) -> None:
@@ -333,13 +341,16 @@ class Shell:
         except Exception:  # noqa: BLE001 - the queue is gone
             pass
 
-    def _apply(self, packet, verdict: Any) -> None:
+    def _apply(self, packet, verdict: Any, queue: Queue | None = None) -> None:
         """The rarer verdicts: a rewrite (then accept or hold) and an ICMP error."""
         if verdict.__class__ is Rewrite:
             packet.set_payload(verdict.payload)
             if verdict.then is ACCEPT:
                 packet.accept()
             else:
+                if queue is not None and self.batch_verdicts:  # its own verdict carries the payload
+                    self._holding[packet] = (queue, False)
+                    queue.held.hold(packet.id)
                 self._rearm()
         elif verdict.__class__ is SendIcmp:
             packet.drop()
@@ -446,13 +457,37 @@ class Shell:
         except Exception as exc:  # noqa: BLE001
             self._on_error("(release)", None, exc)
             due = []
+        holding = self._holding
+        queues: dict[Queue, tuple[list, list[int]]] = {}  # per queue: batch candidates, others' ids
         for packet, verdict in due:
+            entry = holding.pop(packet, None) if holding else None
+            if entry is not None:
+                queue, batchable = entry
+                released = queues.get(queue)
+                if released is None:
+                    released = queues[queue] = ([], [])
+                if batchable and verdict is ACCEPT:
+                    released[0].append(packet)
+                    continue
+                released[1].append(packet.id)
             try:
                 if verdict is ACCEPT:
                     packet.accept()
                 else:
                     packet.drop()
             except Exception:  # noqa: BLE001 - verdicted already (after an error) or queue gone
+                pass
+        for queue, (accepts, verdicted) in queues.items():
+            through, alone = queue.held.release(verdicted, [packet.id for packet in accepts])
+            try:
+                if alone:  # behind a packet still held: one by one
+                    alone_ids = set(alone)
+                    for packet in accepts:
+                        if packet.id in alone_ids:
+                            packet.accept()
+                if through is not None:
+                    queue.accept_through(through)
+            except Exception:  # noqa: BLE001 - the queue is gone
                 pass
         self._rearm()
 
@@ -466,6 +501,7 @@ class Shell:
                     released += 1
                 except RuntimeError:
                     break  # the queue is already gone; the kernel dropped what it held
+            self._holding.clear()
         return released
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 from interceptor.compiled import CompiledSkin
 from interceptor.engine import ACCEPT
 from interceptor.engine.path import Rewrite
-from interceptor.nfqueue import real_length
+from interceptor.nfqueue import HeldIds, real_length
 from interceptor.schema import compile_skin, validate_skin
 from interceptor.shell import Shell
 from interceptor.timeline import compile_timeline
@@ -120,6 +120,7 @@ class NumberedPacket(FakePacket):
 class FakeQueue:
     def __init__(self) -> None:
         self.later: list[int] = []
+        self.held = HeldIds()
 
     def accept_later(self, packet_id: int) -> None:
         self.later.append(packet_id)
