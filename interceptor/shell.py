@@ -479,16 +479,19 @@ class Shell:
                 pass
         for queue, (accepts, verdicted) in queues.items():
             through, alone = queue.held.release(verdicted, [packet.id for packet in accepts])
-            try:
-                if alone:  # behind a packet still held: one by one
-                    alone_ids = set(alone)
-                    for packet in accepts:
-                        if packet.id in alone_ids:
+            if alone:  # behind a packet still held: one by one
+                alone_ids = set(alone)
+                for packet in accepts:
+                    if packet.id in alone_ids:
+                        try:
                             packet.accept()
-                if through is not None:
+                        except Exception:  # noqa: BLE001 - verdicted already (after an error)
+                            pass
+            if through is not None:
+                try:
                     queue.accept_through(through)
-            except Exception:  # noqa: BLE001 - the queue is gone
-                pass
+                except OSError:  # the queue is gone
+                    pass
         self._rearm()
 
     def release_all(self) -> int:
