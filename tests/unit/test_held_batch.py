@@ -147,7 +147,9 @@ def test_held_packets_due_together_leave_in_one_batch_verdict():
 
 
 def test_a_held_rewritten_answer_leaves_alone_and_what_is_behind_it_does_too():
-    shell = _shell({"downlink": {"delay_ms": 5}, "dns": {"rewrite": {"*.example": "192.0.2.7"}, "delay_ms": 5}})
+    # The answer waits 200 ms for the slow resolver, the plain packets 5 ms: a slow machine has
+    # 195 ms of margin before the first release below would find the answer due as well.
+    shell = _shell({"downlink": {"delay_ms": 5}, "dns": {"rewrite": {"*.example": "192.0.2.7"}, "delay_ms": 200}})
     queue = _Queue()
     handle = shell._handler(False, queue=queue)
     try:
@@ -156,9 +158,9 @@ def test_a_held_rewritten_answer_leaves_alone_and_what_is_behind_it_does_too():
         for packet in (answer, *plain):
             handle(packet)
         assert answer.sent_payload is not None and answer.verdict is None  # rewritten, held
-        _release_after(shell, 0.007)  # the plain ones are due; the answer has its link delay left
+        _release_after(shell, 0.01)  # the plain ones are due, the answer is not
         assert [p.verdict for p in plain] == ["accept", "accept"] and queue.batches == []
-        _release_after(shell, 0.007)
+        _release_after(shell, 0.21)
         assert answer.verdict == "accept" and queue.batches == []  # its own verdict, with its payload
         assert len(queue.held) == 0 and not shell._holding
     finally:
