@@ -336,10 +336,16 @@ class RemoteWorker:
         return waiter[2]
 
     def close(self, timeout_s: float = 3.0) -> None:
-        """Stop the process: the end of its socket tells it to release what it holds and close
-        its queues, as the daemon does; killed if it has not within ``timeout_s``."""
+        """Stop the process: "stop" and then the end of its socket tell it to release what it
+        holds and close its queues, as the daemon does; killed if it has not within ``timeout_s``."""
         self.stopping = True
         if self._sock is not None:
+            try:
+                self._sock.setblocking(True)
+                self._sock.settimeout(timeout_s)
+                self._sock.sendall(_encode((0, "stop", {})))
+            except OSError:
+                pass  # gone already: it has nothing left to release
             self._sock.close()
         if self.process is not None:
             try:
@@ -636,14 +642,18 @@ async def _serve(fd: int) -> None:
     stream = trio.SocketStream(sock)
     reader = _Reader(stream)
     shell_box: list[Shell] = []
+    stopping = False
     try:
         async with trio.open_nursery() as nursery:
             commands = _worker_commands(shell_box, nursery)
             while True:
                 message = await reader.receive()
-                if message is None:  # the daemon is gone: stop as it would
+                if message is None:  # the daemon is gone
                     break
                 seq, command, args = message
+                if command == "stop":  # the daemon's own clean stop: release, as it does
+                    stopping = True
+                    continue
                 try:
                     reply = (seq, True, commands[command](**args))
                 except Exception as exc:  # noqa: BLE001 - reported to the daemon, the worker goes on
@@ -652,15 +662,20 @@ async def _serve(fd: int) -> None:
                 await stream.send_all(_encode(reply))
             nursery.cancel_scope.cancel()
     finally:
+        # Held packets leave early only on the daemon's stop. A daemon that died without one (a
+        # SIGKILL, a crash) leaves them to the kernel, which drops them with the queue, as it
+        # does a crashed daemon's own: released early they would have passed without their delay.
         if shell_box:
-            shell_box[0].release_all()
+            if stopping:
+                shell_box[0].release_all()
             shell_box[0].close()
 
 
 def main(argv: list[str]) -> int:
     # A stop (systemd's SIGTERM to the whole unit, Ctrl-C to the process group) is the daemon's
-    # to carry out: it closes this worker's socket after its own clean-up, and the worker then
-    # releases what it holds. A killed daemon's socket ends too.
+    # to carry out: it sends "stop" and closes this worker's socket after its own clean-up, and
+    # the worker then releases what it holds. A killed daemon's socket ends with no "stop": the
+    # worker closes its queues and the kernel drops what it held.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     trio.run(_serve, int(argv[1]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -149,3 +151,25 @@ while len(got) < len(data):
     got += chunk
 assert got == data
 """
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "kill"])
+def test_held_packets_leave_early_at_a_stop_and_never_after_a_kill(lab, skins, stop_signal):
+    # The engine worker is a child process: on the daemon's stop it releases what it holds (a
+    # stopped daemon must not eat packets); when the daemon dies unannounced it must not, or
+    # the held packets would pass without the rest of their delay.
+    skins("hold-4s", uplink={"delay_ms": 4000})
+    daemon = DaemonProcess(lab.config_path).start()
+    try:
+        assert daemon.request("apply", vm="vm1", skin="hold-4s")["vms"]["vm1"]["active"] == "hold-4s"
+        with ThreadPoolExecutor(1) as pool:
+            probe = pool.submit(measure.udp_probe, lab, "vm1", count=20, rate_pps=100, timeout_s=6.0)
+            time.sleep(1.0)  # every datagram sent and held
+            daemon.stop(stop_signal)
+            result = probe.result()
+    finally:
+        daemon.stop(signal.SIGKILL)
+    if stop_signal == signal.SIGTERM:
+        assert result["received"] == 20 and result["rtt_max_ms"] < 3000, result  # released at the stop
+    else:
+        assert result["received"] == 0, result  # dropped with the queue, none early
