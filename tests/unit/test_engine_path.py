@@ -73,10 +73,13 @@ packet_bytes = st.one_of(
                      dns_answer("plain.org")]),
 )
 
+# Packets as (outgoing, bytes, gap before it in ns).
+traffic = st.lists(st.tuples(st.booleans(), packet_bytes, st.integers(0, 5 * MS)), min_size=1, max_size=40)
+
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    packets=st.lists(st.tuples(st.booleans(), packet_bytes, st.integers(0, 5 * MS)), min_size=1, max_size=40),
+    packets=traffic,
     skin_indexes=st.lists(st.integers(0, len(SKINS) - 1), min_size=1, max_size=3),
     shared=st.booleans(),
     seed=st.integers(0, 2**32),
@@ -194,7 +197,7 @@ def _seen(path) -> tuple:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    packets=st.lists(st.tuples(st.booleans(), packet_bytes, st.integers(0, 5 * MS)), min_size=1, max_size=40),
+    packets=traffic,
     skin_index=st.integers(0, len(SKINS) - 1),
     shared=st.booleans(),
     seed=st.integers(0, 2**32),
